@@ -1,0 +1,46 @@
+# ftlm: `make demo` and `make test` are the quick start; both install into .venv first when needed.
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+DEMO_DIR ?= $(HOME)/.cache/ftlm/runs/demo
+# On a machine without a GPU, tests and the demo stay on the CPU.
+export PYTHONUNBUFFERED=1
+
+.PHONY: install demo test test-fast bench clean help
+
+help:
+	@echo "make demo   prepare the embedded Korean-English corpus and pretrain the tiny model (CPU when no GPU)"
+	@echo "make test   run the test suite (CPU)"
+	@echo "make bench  run the kernel, data and training-step benchmarks (GPU for the kernel and step tables)"
+	@echo "make install  create .venv and install ftlm with its dependencies and its C++/CUDA extension"
+
+install: $(STAMP)
+
+# torch comes first so that the extension's build (run without build isolation) compiles against it.
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q torch pybind11 ninja
+	$(PIP) install -q --no-build-isolation -e ".[dev]"
+	@$(PY) -c "import ftlm.kernels.ext as e; print('ftlm._C extension:', 'built' if e.has_extension() else 'missing (PyTorch fallback)')"
+	@touch $@
+
+demo: install
+	rm -rf $(DEMO_DIR)
+	$(VENV)/bin/ftlm-train model=tiny data=embedded trainer=demo trainer.out_dir=$(DEMO_DIR)
+
+test: install
+	$(PY) -m pytest -q tests
+
+test-fast: install
+	$(PY) -m pytest -q tests -m "not slow"
+
+bench: install
+	$(PY) benchmarks/kernels.py
+	$(PY) benchmarks/data.py
+	$(PY) benchmarks/train_step.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info ftlm/_C*.so

@@ -1,0 +1,42 @@
+"""Validation loss and bits per byte, per stream, averaged over every rank's batches."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def evaluate(model, loaders: dict, device: torch.device, token_bytes: torch.Tensor) -> dict[str, float]:
+    """For each stream: mean loss per token (nats) and bits per UTF-8 byte of the predicted text.
+
+    Bits per byte divides the summed loss by the bytes the target tokens stand for, so models with
+    different tokenizers compare on the same text. token_bytes[i] is the byte length of token i.
+    """
+    was_training = model.training
+    model.eval()
+    token_bytes = token_bytes.to(device)
+    out = {}
+    for name, loader in loaders.items():
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
+        for batch in loader:
+            batch = batch.to(device)
+            x, y = batch[:, :-1], batch[:, 1:]
+            logits, _ = model(x)
+            nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
+            sums += torch.stack([nll.double(), torch.tensor(y.numel(), dtype=torch.float64, device=device),
+                                 token_bytes[y].sum().double()])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sums)
+        nats, tokens, nbytes = sums.tolist()
+        if tokens == 0:
+            continue
+        out[f"val/{name}/loss"] = nats / tokens
+        out[f"val/{name}/bpb"] = nats / math.log(2) / max(nbytes, 1.0)
+    losses = [v for k, v in out.items() if k.endswith("/loss")]
+    if losses:
+        out["val/loss"] = sum(losses) / len(losses)
+    model.train(was_training)
+    return out

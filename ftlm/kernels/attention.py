@@ -1,0 +1,411 @@
+"""FlashAttention-2 style attention in Triton: tiled online-softmax forward, recomputing backward.
+
+The forward never materialises the (T, S) score matrix: each program owns a block of queries, streams
+blocks of keys and values through an online softmax, and stores the output plus one log-sum-exp per
+query row. The backward recomputes the probabilities from that log-sum-exp: one kernel per key block
+accumulates dK and dV over every query head that shares the key head (grouped-query attention, no
+atomics), one kernel per query block accumulates dQ.
+
+Causal masking aligns the queries to the END of the keys (query i sees keys j <= i + S - T), as in
+ftlm.kernels.reference. A query that sees no key at all (only possible when T > S) outputs zeros.
+
+Internally scores are kept in base 2 (scaled by log2(e)) so the kernels use exp2; the stored
+log-sum-exp is in the same base-2 units.
+
+On a CPU tensor the kernels run only under TRITON_INTERPRET=1 (Triton's interpreter, for tests). The
+kernels are wrapped with triton.jit at first launch rather than at import, so the interpreter/compiled
+choice follows the environment at launch time.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+# The interpreter is slow per program and per operation: few, moderately large blocks keep tests fast
+# while sequences like 77 or 130 still cross several partial blocks.
+INTERPRETER_BLOCK_M = 32
+INTERPRETER_BLOCK_N = 32
+
+
+def _attn_fwd(Q, K, V, O, LSE,
+              stride_qb, stride_qh, stride_qt,
+              stride_kb, stride_kh, stride_ks,
+              stride_vb, stride_vh, stride_vs,
+              stride_ob, stride_oh, stride_ot,
+              H, T, S, N_REP, qk_scale,
+              D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    h_kv = (h // N_REP).to(tl.int64)
+    h = h.to(tl.int64)
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=(offs_m[:, None] < T) & d_ok[None, :], other=0.0)
+    k_base = K + b * stride_kb + h_kv * stride_kh
+    v_base = V + b * stride_vb + h_kv * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    shift = S - T  # query i sees keys j <= i + shift
+    if CAUSAL:
+        # Keys visible to every row of this block need no mask; beyond them, the last row's horizon.
+        unmasked_end = tl.minimum(start_m * BLOCK_M + shift + 1, S)
+        hi = tl.minimum((start_m + 1) * BLOCK_M + shift, S)
+    else:
+        unmasked_end = S
+        hi = S
+    unmasked_end = tl.maximum(unmasked_end, 0) // BLOCK_N * BLOCK_N
+    hi = tl.maximum(hi, 0)
+
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None],
+                    mask=(cols[None, :] < S) & d_ok[:, None], other=0.0)
+        qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+        if start_n >= unmasked_end:
+            keep = cols[None, :] < S
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None] + shift)
+            qk = tl.where(keep, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # A row with every key masked so far keeps m = -inf; exponentiate against 0 instead to avoid inf - inf.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_ref[:, None])
+        alpha = tl.math.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :],
+                    mask=(cols[:, None] < S) & d_ok[None, :], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    acc = acc / l_safe[:, None]
+    # +inf marks a row with no visible key: the backward's exp2(score - lse) is then 0 everywhere.
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
+    row_ok = offs_m < T
+    tl.store(LSE + bh.to(tl.int64) * T + offs_m, lse, mask=row_ok)
+    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+             acc.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+def _attn_bwd_delta(O, DO, DELTA,
+                    stride_ob, stride_oh, stride_ot,
+                    stride_dob, stride_doh, stride_dot,
+                    H, T,
+                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta_i = sum_d O_id dO_id, the row term of the softmax backward."""
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
+
+
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
+                   stride_qb, stride_qh, stride_qt,
+                   stride_kb, stride_kh, stride_ks,
+                   stride_vb, stride_vh, stride_vs,
+                   stride_dob, stride_doh, stride_dot,
+                   stride_dkb, stride_dkh, stride_dks,
+                   stride_dvb, stride_dvh, stride_dvs,
+                   H, H_KV, T, S, N_REP, qk_scale, sm_scale,
+                   D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key block of one key head; loops over every query head of its group and every query block."""
+    start_n = tl.program_id(0) * BLOCK_N
+    bh_kv = tl.program_id(1)
+    b = (bh_kv // H_KV).to(tl.int64)
+    h_kv = bh_kv % H_KV
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    kv_mask = (offs_n[:, None] < S) & d_ok[None, :]
+    k = tl.load(K + b * stride_kb + h_kv.to(tl.int64) * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + h_kv.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    shift = S - T
+    if CAUSAL:
+        # Query i sees key j iff i >= j - shift: earlier query blocks contribute nothing.
+        lo = tl.maximum(start_n - shift, 0) // BLOCK_M * BLOCK_M
+        # Query blocks from here on see every key of this block: no mask needed.
+        unmasked_from = start_n + BLOCK_N - 1 - shift
+    else:
+        lo = 0
+        unmasked_from = 0
+
+    for g in range(N_REP):
+        h = (h_kv * N_REP + g).to(tl.int64)
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        row_base = (b * H + h) * T
+        for start_m in range(lo, T, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            q_mask = (offs_m[:, None] < T) & d_ok[None, :]
+            q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=q_mask, other=0.0)
+            # Rows past T get lse = +inf, hence probability 0.
+            lse = tl.load(LSE + row_base + offs_m, mask=offs_m < T, other=float("inf"))
+            delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < T, other=0.0)
+            qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+            p_t = tl.math.exp2(qk_t - lse[None, :])
+            if CAUSAL:
+                if start_m < unmasked_from:
+                    p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + shift, p_t, 0.0)
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+
+    dk = dk * sm_scale
+    bh_kv64 = h_kv.to(tl.int64)
+    tl.store(DK + b * stride_dkb + bh_kv64 * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b * stride_dvb + bh_kv64 * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
+                 stride_qb, stride_qh, stride_qt,
+                 stride_kb, stride_kh, stride_ks,
+                 stride_vb, stride_vh, stride_vs,
+                 stride_dob, stride_doh, stride_dot,
+                 stride_dqb, stride_dqh, stride_dqt,
+                 H, T, S, N_REP, qk_scale, sm_scale,
+                 D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One query block of one query head; loops over the key blocks it can see."""
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    h_kv = (h // N_REP).to(tl.int64)
+    h = h.to(tl.int64)
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q_mask = (offs_m[:, None] < T) & d_ok[None, :]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=q_mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=q_mask, other=0.0)
+    row_base = bh.to(tl.int64) * T
+    lse = tl.load(LSE + row_base + offs_m, mask=offs_m < T, other=float("inf"))
+    delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < T, other=0.0)
+    k_base = K + b * stride_kb + h_kv * stride_kh
+    v_base = V + b * stride_vb + h_kv * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    shift = S - T
+    if CAUSAL:
+        unmasked_end = tl.minimum(start_m * BLOCK_M + shift + 1, S)
+        hi = tl.minimum((start_m + 1) * BLOCK_M + shift, S)
+    else:
+        unmasked_end = S
+        hi = S
+    unmasked_end = tl.maximum(unmasked_end, 0) // BLOCK_N * BLOCK_N
+    hi = tl.maximum(hi, 0)
+
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kv_mask_t = (cols[None, :] < S) & d_ok[:, None]
+        k_t = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None], mask=kv_mask_t, other=0.0)
+        v_t = tl.load(v_base + cols[None, :] * stride_vs + offs_d[:, None], mask=kv_mask_t, other=0.0)
+        qk = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
+        p = tl.math.exp2(qk - lse[:, None])
+        if start_n >= unmasked_end:
+            keep = cols[None, :] < S
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None] + shift)
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, v_t, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=PRECISION)
+
+    dq = dq * sm_scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launching: plain jit with fixed blocks under the interpreter, autotuned jit on the GPU.
+
+def _gpu_configs(block_ms, block_ns):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm in block_ms for bn in block_ns for w in (4, 8) for s in (2, 3, 4)]
+
+
+_TUNE_KEY = ["T", "S", "BLOCK_D", "CAUSAL", "N_REP"]
+_kernel_cache = {}
+
+
+def _kernel(name):
+    """The kernel `name` wrapped for the current mode (interpreted or compiled), built once per mode."""
+    interpret = triton.knobs.runtime.interpret
+    key = (name, interpret)
+    if key not in _kernel_cache:
+        fn = {"fwd": _attn_fwd, "delta": _attn_bwd_delta, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}[name]
+        kernel = triton.jit(fn)
+        if not interpret and name != "delta":
+            configs = {
+                "fwd": _gpu_configs((64, 128), (32, 64, 128)),
+                "dkdv": _gpu_configs((32, 64), (64, 128)),
+                "dq": _gpu_configs((64, 128), (32, 64)),
+            }[name]
+            kernel = triton.autotune(configs, key=_TUNE_KEY)(kernel)
+        _kernel_cache[key] = kernel
+    return _kernel_cache[key]
+
+
+def _blocks(interpret):
+    return {} if not interpret else {"BLOCK_M": INTERPRETER_BLOCK_M, "BLOCK_N": INTERPRETER_BLOCK_N}
+
+
+def _launch_options(interpret):
+    return {} if not interpret else {"num_warps": 4}
+
+
+def _precision(dtype):
+    # A float32 dot defaults to tf32 on the GPU; keep full precision when the caller asked for float32.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _strides(x):
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _last_dim_contiguous(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def check_device(x):
+    """Raise a clear error when the Triton kernels cannot run on x's device."""
+    if x.device.type == "cuda":
+        return
+    if x.device.type == "cpu":
+        if triton.knobs.runtime.interpret:
+            return
+        raise RuntimeError("ftlm.kernels: the Triton kernels need a CUDA tensor; on the CPU they run only under "
+                           "Triton's interpreter. Set TRITON_INTERPRET=1 (slow, for tests), or choose "
+                           "model.attn_impl=sdpa / model.norm_impl=torch.")
+    raise RuntimeError(f"ftlm.kernels: the Triton kernels do not support device '{x.device.type}'; "
+                       "choose model.attn_impl=sdpa / model.norm_impl=torch.")
+
+
+def _check_inputs(q, k, v):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"flash_attention: q, k, v must be (batch, heads, seq, head_dim); got shapes "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"flash_attention: k and v must have the same shape; got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"flash_attention: batch and head_dim of q {tuple(q.shape)} and k {tuple(k.shape)} differ")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"flash_attention: kv heads ({k.shape[1]}) must divide q heads ({q.shape[1]})")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"flash_attention: q, k, v must share one dtype among float32, float16, bfloat16; got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"flash_attention: q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
+    if q.shape[3] > 256:
+        raise ValueError(f"flash_attention: head_dim {q.shape[3]} is larger than the supported 256")
+    check_device(q)
+
+
+def _forward(q, k, v, causal, sm_scale):
+    B, H, T, D = q.shape
+    H_KV, S = k.shape[1], k.shape[2]
+    interpret = triton.knobs.runtime.interpret
+    # Output laid out as (B, T, H, D) in memory: the caller's transpose(1, 2).reshape(B, T, H * D) is then free.
+    o = torch.empty(B, T, H, D, device=q.device, dtype=q.dtype).transpose(1, 2)
+    lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+    if T == 0 or B * H == 0:
+        return o, lse
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
+    _kernel("fwd")[grid](
+        q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        H, T, S, H // H_KV, sm_scale * LOG2E,
+        D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=causal, PRECISION=_precision(q.dtype),
+        **_blocks(interpret), **_launch_options(interpret))
+    return o, lse
+
+
+def _backward(q, k, v, o, lse, do, causal, sm_scale):
+    B, H, T, D = q.shape
+    H_KV, S = k.shape[1], k.shape[2]
+    interpret = triton.knobs.runtime.interpret
+    block_d = max(16, triton.next_power_of_2(D))
+    do = _last_dim_contiguous(do)
+    dq = torch.empty(B, T, H, D, device=q.device, dtype=q.dtype).transpose(1, 2)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    if T == 0 or S == 0 or B * H == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+    delta_block = 32 if interpret else 64
+    _kernel("delta")[(triton.cdiv(T, delta_block), B * H)](
+        o, do, delta, *_strides(o), *_strides(do), H, T, D=D, BLOCK_D=block_d, BLOCK_M=delta_block)
+    common = dict(D=D, BLOCK_D=block_d, CAUSAL=causal, PRECISION=_precision(q.dtype),
+                  **_blocks(interpret), **_launch_options(interpret))
+    n_rep = H // H_KV
+    _kernel("dkdv")[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * H_KV)](
+        q, k, v, do, lse, delta, dk, dv,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+        H, H_KV, T, S, n_rep, sm_scale * LOG2E, sm_scale, **common)
+    _kernel("dq")[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](
+        q, k, v, do, lse, delta, dq,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+        H, T, S, n_rep, sm_scale * LOG2E, sm_scale, **common)
+    return dq, dk, dv
+
+
+class FlashAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, sm_scale):
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        o, lse = _forward(q, k, v, causal, sm_scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal, ctx.sm_scale = causal, sm_scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, o, lse, do, ctx.causal, ctx.sm_scale)
+        return dq, dk, dv, None, None
+
+
+def flash_attention(q, k, v, causal=True, softmax_scale=None):
+    """Softmax attention. q: (B, Hq, T, D); k, v: (B, Hkv, S, D) with Hkv dividing Hq. Returns q's shape.
+
+    With causal=True and T != S the queries are the LAST T positions of the keys' sequence.
+    """
+    _check_inputs(q, k, v)
+    sm_scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return FlashAttentionFunction.apply(q, k, v, bool(causal), sm_scale)

@@ -1,0 +1,164 @@
+"""Distributed setup and the DeepSpeed engine: process group, DeepSpeed config, optimizer, ZeRO-3 model init."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    node_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("trainer.device=cuda but no CUDA GPU is visible; use trainer.device=auto or cpu")
+    if name not in ("cuda", "cpu"):
+        raise ValueError(f"trainer.device: '{name}' is not one of auto, cuda, cpu")
+    return torch.device(name)
+
+
+def init_distributed(device_name: str) -> Dist:
+    """Join the process group the launcher set up, or make a group of one when run without a launcher."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # plain `python -m ftlm.train.main` or `ftlm-train`
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    device = resolve_device(device_name)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return Dist(rank=rank, local_rank=local_rank, world_size=world, local_world_size=local_world,
+                node_rank=rank // max(1, local_world), device=device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision not in ("bf16", "fp16", "fp32"):
+        raise ValueError(f"trainer.precision: '{precision}' is not one of auto, bf16, fp16, fp32")
+    return precision
+
+
+def build_ds_config(trainer_cfg, ds_cfg, world_size: int, precision: str) -> dict:
+    """The DeepSpeed JSON config, generated from conf/trainer and conf/deepspeed."""
+    stage = int(ds_cfg.stage)
+    zero = {
+        "stage": stage,
+        "overlap_comm": bool(ds_cfg.overlap_comm),
+        "contiguous_gradients": bool(ds_cfg.contiguous_gradients),
+        "reduce_bucket_size": int(ds_cfg.reduce_bucket_size),
+    }
+    if stage == 3:
+        zero.update({
+            "stage3_prefetch_bucket_size": int(ds_cfg.stage3_prefetch_bucket_size),
+            "stage3_param_persistence_threshold": int(ds_cfg.stage3_param_persistence_threshold),
+            "stage3_max_live_parameters": int(ds_cfg.stage3_max_live_parameters),
+            "stage3_gather_16bit_weights_on_model_save": bool(ds_cfg.stage3_gather_16bit_weights_on_model_save),
+        })
+    if ds_cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if ds_cfg.offload_params:
+        if stage != 3:
+            raise ValueError("deepspeed.offload_params needs deepspeed.stage=3")
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    config = {
+        "train_micro_batch_size_per_gpu": int(trainer_cfg.micro_batch_size),
+        "gradient_accumulation_steps": int(trainer_cfg.grad_accum),
+        "train_batch_size": int(trainer_cfg.micro_batch_size) * int(trainer_cfg.grad_accum) * world_size,
+        "gradient_clipping": float(trainer_cfg.grad_clip),
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
+        # ftlm passes its own AdamW (param groups without decay on norms, biases, embeddings).
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,  # ftlm logs progress itself
+        "wall_clock_breakdown": False,
+    }
+    config.update(dict(ds_cfg.get("extra") or {}))
+    return config
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: never on norms, biases or embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_matrix = p.dim() >= 2 or getattr(p, "ds_shape", None) is not None and len(p.ds_shape) >= 2
+        (decay if is_matrix and "embed" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+
+
+def build_optimizer(model, trainer_cfg, ds_cfg, device):
+    groups = param_groups(model, float(trainer_cfg.weight_decay))
+    kwargs = dict(lr=float(trainer_cfg.lr), betas=tuple(trainer_cfg.betas), eps=float(trainer_cfg.adam_eps))
+    if ds_cfg.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # the fast CPU Adam that ZeRO-Offload expects
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    return torch.optim.AdamW(groups, fused=device.type == "cuda", **kwargs)
+
+
+def build_model(model_cfg, ds_config: dict, dist: Dist):
+    """Construct the GPT; under ZeRO-3 each rank only ever holds its partition of the weights."""
+    import deepspeed
+
+    from ftlm.model import GPT
+
+    zero3 = ds_config["zero_optimization"]["stage"] == 3
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero3,
+                             remote_device="cpu" if "offload_param" in ds_config["zero_optimization"] else None):
+        model = GPT(model_cfg)
+    if zero3:
+        # Inside zero.Init every submodule is partitioned as soon as it is built, so the GPT's own
+        # initialisation ran on empty shards: redo it with each module's parameters gathered.
+        for module in model.modules():
+            params = list(module.parameters(recurse=False))
+            if params:
+                with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                    if dist.rank == 0:
+                        model._init_weights(module)
+    return model
+
+
+def build_engine(model, trainer_cfg, ds_cfg, ds_config: dict, dist: Dist):
+    import deepspeed
+
+    from ftlm.train.schedule import build_scheduler
+
+    optimizer = build_optimizer(model, trainer_cfg, ds_cfg, dist.device)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_config,
+        lr_scheduler=lambda opt: build_scheduler(opt, trainer_cfg))
+    return engine, scheduler
