@@ -1,30 +1,57 @@
-"""Text generation with a KV cache: each new token costs one forward pass over that token only."""
+"""Text generation with a KV cache: each new token costs one forward pass over that token only.
+
+    ftlm-generate <run dir | checkpoint | export dir> --prompt "대한민국은" [--max-new-tokens 128]
+                  [--temperature 0.8] [--top-k 50] [--top-p 0.95] [--seed 0] [--device auto]
+
+Text is printed as the tokens come. A byte-level tokenizer may split one Hangul syllable (three UTF-8 bytes)
+across tokens, so StreamDecoder holds back a piece until it decodes to complete characters.
+"""
 from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
 
 import torch
 
 from ftlm.model import KVCache
 
+log = logging.getLogger(__name__)
+
 
 @torch.no_grad()
 def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, eos_id: int | None = None, use_cache: bool = True, generator=None):
-    """Yield new token ids one at a time. temperature 0 is greedy decoding."""
+    """Yield new token ids one at a time. temperature 0 is greedy decoding.
+
+    Stops after max_new_tokens, at eos_id (which is yielded), or when the sequence reaches model.max_seq_len.
+    Runs the model in eval mode (no dropout) and restores its mode afterwards.
+    """
     cfg = model.cfg
-    device = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    if len(prompt_ids) == 0:
+        raise ValueError("generate() needs at least one prompt token (use the end-of-text id to start from nothing)")
+    if len(prompt_ids) > cfg.max_seq_len:
+        raise ValueError(f"the prompt has {len(prompt_ids)} tokens, more than model.max_seq_len={cfg.max_seq_len}")
+    param = next(model.parameters())
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=param.device)
     max_new_tokens = min(max_new_tokens, cfg.max_seq_len - ids.shape[1])
-    dtype = next(model.parameters()).dtype
-    cache = KVCache(cfg, 1, ids.shape[1] + max_new_tokens, device, dtype) if use_cache else None
-    step_input = ids
-    for _ in range(max_new_tokens):
-        logits, _ = model(step_input if use_cache else ids, cache=cache)
-        next_id = sample(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
-        yield int(next_id)
-        if eos_id is not None and int(next_id) == eos_id:
-            return
-        step_input = next_id.view(1, 1)
-        ids = torch.cat([ids, step_input], dim=1)
+    cache = KVCache(cfg, 1, ids.shape[1] + max_new_tokens, param.device, param.dtype) if use_cache else None
+    was_training = model.training
+    model.eval()
+    try:
+        step_input = ids
+        for _ in range(max_new_tokens):
+            logits, _ = model(step_input if use_cache else ids, cache=cache)
+            next_id = sample(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
+            yield int(next_id)
+            if eos_id is not None and int(next_id) == eos_id:
+                return
+            step_input = next_id.view(1, 1)
+            if not use_cache:
+                ids = torch.cat([ids, step_input], dim=1)
+    finally:
+        model.train(was_training)
 
 
 def sample(logits, temperature: float, top_k: int, top_p: float, generator=None) -> torch.Tensor:
@@ -42,4 +69,103 @@ def sample(logits, temperature: float, top_k: int, top_p: float, generator=None)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
+    if generator is not None and generator.device != probs.device:
+        # a CPU generator for a GPU model: draw on the generator's device (one vocabulary-sized copy)
+        return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(probs.device)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class StreamDecoder:
+    """Turns token ids into text pieces as they arrive, never printing half a character.
+
+    The ids since the last complete piece are decoded together; while that text ends in U+FFFD (the
+    replacement for an incomplete UTF-8 sequence) it is held back. Each push costs the length of the held
+    piece, not of everything generated so far.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.pending: list[int] = []
+
+    def push(self, token_id: int) -> str:
+        self.pending.append(token_id)
+        text = self.tokenizer.decode(self.pending, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        self.pending = []
+        return text
+
+    def flush(self) -> str:
+        """Whatever is held back, as is (an incomplete sequence at the very end shows as U+FFFD)."""
+        text = self.tokenizer.decode(self.pending, skip_special_tokens=True) if self.pending else ""
+        self.pending = []
+        return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ftlm-generate", description="Continue a prompt with a trained model, "
+                                     "printing the text as it is generated.")
+    parser.add_argument("source", help="a run directory, a checkpoint (checkpoints/step_XXXXXXXX) or an export directory")
+    parser.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy decoding (default 0.8)")
+    parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0: all (default 50)")
+    parser.add_argument("--top-p", type=float, default=0.95, help="sample among the most likely tokens holding this "
+                                                                  "probability mass; 1: all (default 0.95)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling (default: different every run)")
+    parser.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:N")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16")
+    parser.add_argument("--config", help="a model config the checkpoint must match (mismatched keys are named)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+    from ftlm.checkpoint_io import CheckpointError, load, resolve_device, resolve_dtype
+    if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0 or not 0.0 < args.top_p <= 1.0:
+        parser.error("--max-new-tokens, --temperature and --top-k must not be negative; --top-p must be in (0, 1]")
+    try:
+        device = resolve_device(args.device)
+        loaded = load(args.source, device=device, dtype=resolve_dtype(args.dtype, device),
+                      expected_config=args.config)
+    except (FileNotFoundError, CheckpointError, ValueError) as e:
+        print(f"ftlm-generate: error: {e}", file=sys.stderr)
+        return 1
+    model, tokenizer = loaded.model, loaded.tokenizer
+
+    prompt_ids = tokenizer.encode(args.prompt) if args.prompt else [tokenizer.eot_id]
+    limit = model.cfg.max_seq_len - 1
+    if len(prompt_ids) > limit:
+        log.warning("the prompt has %d tokens; keeping its last %d (model.max_seq_len=%d)", len(prompt_ids), limit,
+                    model.cfg.max_seq_len)
+        prompt_ids = prompt_ids[-limit:]
+    if args.max_new_tokens > model.cfg.max_seq_len - len(prompt_ids):
+        log.warning("generating at most %d tokens: the model's context is %d tokens",
+                    model.cfg.max_seq_len - len(prompt_ids), model.cfg.max_seq_len)
+    generator = torch.Generator(device=device)
+    if args.seed is not None:
+        generator.manual_seed(args.seed)
+    else:
+        generator.seed()
+
+    out = sys.stdout
+    out.write(args.prompt)
+    out.flush()
+    stream = StreamDecoder(tokenizer)
+    start, n = time.perf_counter(), 0
+    for token in generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                          eos_id=tokenizer.eot_id, generator=generator):
+        n += 1
+        if token == tokenizer.eot_id:
+            break
+        piece = stream.push(token)
+        if piece:
+            out.write(piece)
+            out.flush()
+    out.write(stream.flush() + "\n")
+    out.flush()
+    elapsed = time.perf_counter() - start
+    log.info("%d tokens in %.2f s (%.1f tokens/s) on %s", n, elapsed, n / max(elapsed, 1e-9), device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

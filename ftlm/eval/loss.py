@@ -7,6 +7,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+IGNORE_INDEX = -100  # a target that is context only
+
 
 @torch.no_grad()
 def evaluate(model, loaders: dict, device: torch.device, token_bytes: torch.Tensor) -> dict[str, float]:
@@ -14,6 +16,8 @@ def evaluate(model, loaders: dict, device: torch.device, token_bytes: torch.Tens
 
     Bits per byte divides the summed loss by the bytes the target tokens stand for, so models with
     different tokenizers compare on the same text. token_bytes[i] is the byte length of token i.
+    A loader yields LongTensors (B, T+1) (inputs are [:, :-1], targets [:, 1:]) or pairs (inputs, targets)
+    of (B, T); targets equal to -100 are context only and count neither loss, tokens nor bytes.
     """
     was_training = model.training
     model.eval()
@@ -22,12 +26,17 @@ def evaluate(model, loaders: dict, device: torch.device, token_bytes: torch.Tens
     for name, loader in loaders.items():
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
         for batch in loader:
-            batch = batch.to(device)
-            x, y = batch[:, :-1], batch[:, 1:]
+            if isinstance(batch, (tuple, list)):
+                x, y = (t.to(device) for t in batch)
+            else:
+                batch = batch.to(device)
+                x, y = batch[:, :-1], batch[:, 1:]
             logits, _ = model(x)
-            nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
-            sums += torch.stack([nll.double(), torch.tensor(y.numel(), dtype=torch.float64, device=device),
-                                 token_bytes[y].sum().double()])
+            nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                  ignore_index=IGNORE_INDEX, reduction="sum")
+            counted = y[y != IGNORE_INDEX]
+            sums += torch.stack([nll.double(), torch.tensor(counted.numel(), dtype=torch.float64, device=device),
+                                 token_bytes[counted].sum().double()])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(sums)
         nats, tokens, nbytes = sums.tolist()

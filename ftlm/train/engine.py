@@ -54,11 +54,23 @@ def init_distributed(device_name: str) -> Dist:
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
+    if device.type == "cpu":
+        skip_cpu_inference_comm_build()
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     return Dist(rank=rank, local_rank=local_rank, world_size=world, local_world_size=local_world,
                 node_rank=rank // max(1, local_world), device=device)
+
+
+def skip_cpu_inference_comm_build() -> None:
+    """On CPU, DeepSpeed JIT-compiles a shared-memory all-reduce (over a minute of g++ per fresh machine)
+    that only its inference engine uses; training never calls it, so mark it unavailable instead."""
+    import deepspeed.ops
+
+    if "__compatible_ops__" not in vars(deepspeed.ops):
+        deepspeed.ops.__compatible_ops__ = {}  # also skips probing every op's compiler, which nothing here needs
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -114,6 +114,13 @@ def train(cfg) -> dict:
     log.info("global batch: %d sequences = %d micro-batch x %d accumulation x %d ranks = %s tokens per step",
              global_seqs, micro, accum, d.world_size, f"{global_seqs * seq_len:,}")
 
+    # Which checkpoint to continue from is settled before any weights exist, so a mismatch fails early.
+    ckpt_root = run_dir / "checkpoints"
+    resume_from = checkpoint.resolve_resume(t.resume, ckpt_root)
+    if resume_from is not None:
+        checkpoint.check_compatible(resume_from, model_cfg)
+        ds_config = checkpoint.adapt_ds_config(resume_from, ds_config, d.world_size, d.rank)
+
     seed_everything(int(t.seed))  # identical initial weights on every rank
     model = build_model(model_cfg, ds_config, d)
     model.activation_checkpointing = bool(t.activation_checkpointing)
@@ -127,9 +134,7 @@ def train(cfg) -> dict:
     val_loaders = build_val_loaders(cfg.data, seq_len, micro, d.rank, d.world_size, int(t.eval_batches))
     token_bytes = tokenizer.token_byte_lengths()
 
-    ckpt_root = run_dir / "checkpoints"
     step, tokens_seen = 0, 0
-    resume_from = checkpoint.resolve_resume(t.resume, ckpt_root)
     if resume_from is not None:
         state, loader_state = checkpoint.load(engine, resume_from, d.rank, d.world_size)
         step, tokens_seen = int(state["step"]), int(state["tokens_seen"])
@@ -155,6 +160,7 @@ def train(cfg) -> dict:
 
     log.info("training from step %d to %d; logs, checkpoints and TensorBoard in %s", step, t.max_steps, run_dir)
     while step < int(t.max_steps):
+        lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
         for _ in range(accum):
             with timer.phase("data_wait"):
                 batch = next(batches).to(d.device, non_blocking=True)
@@ -175,7 +181,6 @@ def train(cfg) -> dict:
             window_loss.zero_()
             grad_norm = engine.get_global_grad_norm()
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-            lr = scheduler.get_last_lr()[0]
             values = {"train/loss": mean_loss, "train/lr": lr, "train/grad_norm": grad_norm,
                       "train/tokens_seen": tokens_seen, **metrics.throughput(), **memory_stats(d.device)}
             values.update({f"time/{k}_s": v / int(t.log_interval) for k, v in timer.pop().items()})

@@ -1,0 +1,137 @@
+"""Validation of the `data` config, run before any file is read or any memory is allocated.
+
+Every message names the key (`data.mix`, `data.tokenizer.vocab_size`, ...) so a user knows what to change.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Mapping
+
+from .clean import SCRIPTS, CleanConfig
+from .dedup import DedupConfig
+from .shards import COMPRESSIONS
+
+_STREAM_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+class DataConfigError(ValueError):
+    pass
+
+
+def as_dict(cfg) -> dict:
+    """A plain, resolved dict from an OmegaConf node or a mapping."""
+    try:
+        from omegaconf import DictConfig, OmegaConf
+        if isinstance(cfg, DictConfig):
+            return OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    return dict(cfg)
+
+
+def stream_names(cfg: Mapping[str, Any]) -> list[str]:
+    sources = cfg.get("sources")
+    if not isinstance(sources, Mapping) or not sources:
+        raise DataConfigError("data.sources must map each stream name to a list of files or globs, "
+                              "e.g. {ko: [corpus/ko/*.jsonl], en: [corpus/en/*.jsonl]}")
+    for name, files in sources.items():
+        if not _STREAM_NAME.match(str(name)):
+            raise DataConfigError(f"data.sources: stream name {name!r} may only hold letters, digits, '_' and '-'")
+        if isinstance(files, str):
+            files = [files]
+        if not files:
+            raise DataConfigError(f"data.sources.{name}: no files given")
+    return [str(n) for n in sources]
+
+
+def check_mix(cfg: Mapping[str, Any], streams: list[str]) -> dict[str, float]:
+    """`data.mix` as {stream: share of training tokens}; None means each stream in its natural share."""
+    mix = cfg.get("mix")
+    if mix is None:
+        return {}
+    if not isinstance(mix, Mapping) or not mix:
+        raise DataConfigError("data.mix must map stream names to shares of training tokens, e.g. {ko: 0.7, en: 0.3}")
+    unknown = sorted(set(map(str, mix)) - set(streams))
+    if unknown:
+        raise DataConfigError(f"data.mix names unknown stream(s) {unknown}; data.sources has {streams}")
+    missing = sorted(set(streams) - set(map(str, mix)))
+    if missing:
+        raise DataConfigError(f"data.mix has no share for stream(s) {missing} (give 0.0 to prepare a stream "
+                              f"without training on it)")
+    shares = {}
+    for name, share in mix.items():
+        if not isinstance(share, (int, float)) or isinstance(share, bool) or not math.isfinite(share) or share < 0:
+            raise DataConfigError(f"data.mix.{name} must be a number >= 0, got {share!r}")
+        shares[str(name)] = float(share)
+    total = sum(shares.values())
+    if abs(total - 1.0) > 1e-6:
+        raise DataConfigError(f"data.mix shares must sum to 1, they sum to {total:g}: {shares}")
+    return shares
+
+
+def check_data_config(cfg: Mapping[str, Any]) -> list[str]:
+    """Raise DataConfigError naming the first bad key; return the stream names."""
+    streams = stream_names(cfg)
+    check_mix(cfg, streams)
+    if not cfg.get("out_dir"):
+        raise DataConfigError("data.out_dir must be set (where shards, tokenizer and stats.json are written)")
+    if not isinstance(cfg.get("text_field", "text"), str):
+        raise DataConfigError("data.text_field must be a string (the jsonl/parquet field holding the text)")
+    lang = cfg.get("lang") or {}
+    for name, code in dict(lang).items():
+        if str(name) not in streams:
+            raise DataConfigError(f"data.lang names unknown stream {name!r}; data.sources has {streams}")
+        if code is not None and code not in SCRIPTS:
+            raise DataConfigError(f"data.lang.{name} must be one of {sorted(SCRIPTS)} or null, got {code!r}")
+    val_fraction = cfg.get("val_fraction", 0.005)
+    if not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction <= 0.5:
+        raise DataConfigError(f"data.val_fraction must be in [0, 0.5], got {val_fraction!r}")
+    if int(cfg.get("val_min_docs", 100)) < 0:
+        raise DataConfigError("data.val_min_docs must be >= 0")
+    workers = cfg.get("num_workers")
+    if workers is not None and (not isinstance(workers, int) or workers < 0):
+        raise DataConfigError(f"data.num_workers must be null (all cores) or an integer >= 0, got {workers!r}")
+    if cfg.get("shard_compression") not in COMPRESSIONS:
+        raise DataConfigError(f"data.shard_compression must be one of {list(COMPRESSIONS)}, "
+                              f"got {cfg.get('shard_compression')!r}")
+    for key in ("shard_size_limit", "max_line_bytes"):
+        if key in cfg and (not isinstance(cfg[key], int) or cfg[key] < 1024):
+            raise DataConfigError(f"data.{key} must be an integer >= 1024 (bytes), got {cfg[key]!r}")
+    epoch_size = cfg.get("epoch_size")
+    if epoch_size is not None and (not isinstance(epoch_size, int) or epoch_size < 1):
+        raise DataConfigError(f"data.epoch_size must be null or a positive number of documents, got {epoch_size!r}")
+    try:
+        CleanConfig.from_cfg(cfg.get("clean"))
+        DedupConfig.from_cfg(cfg.get("dedup"))
+    except (TypeError, ValueError) as err:
+        raise DataConfigError(str(err)) from None
+    _check_tokenizer(cfg.get("tokenizer") or {}, streams)
+    return streams
+
+
+def _check_tokenizer(tok: Mapping[str, Any], streams: list[str]) -> None:
+    known = {"path", "extend_from", "vocab_size", "min_frequency", "sample_chars", "sample_shares",
+             "special_tokens"}
+    unknown = sorted(set(tok) - known)
+    if unknown:
+        raise DataConfigError(f"data.tokenizer: unknown key(s) {unknown}; known: {sorted(known)}")
+    if tok.get("path") and tok.get("extend_from"):
+        raise DataConfigError("data.tokenizer.path (reuse as is) and data.tokenizer.extend_from (extend) "
+                              "exclude each other; set one of them to null")
+    vocab = tok.get("vocab_size", 32000)
+    if not isinstance(vocab, int) or vocab < 300 or vocab > 1 << 22:
+        raise DataConfigError(f"data.tokenizer.vocab_size must be an integer in [300, 4194304], got {vocab!r}")
+    if not isinstance(tok.get("sample_chars", 1), int) or tok.get("sample_chars", 1) < 1:
+        raise DataConfigError("data.tokenizer.sample_chars must be a positive integer")
+    shares = tok.get("sample_shares")
+    if shares is not None:
+        unknown_streams = sorted(set(map(str, shares)) - set(streams))
+        if unknown_streams:
+            raise DataConfigError(f"data.tokenizer.sample_shares names unknown stream(s) {unknown_streams}; "
+                                  f"data.sources has {streams}")
+        if any(not isinstance(v, (int, float)) or v < 0 for v in shares.values()) or sum(shares.values()) <= 0:
+            raise DataConfigError("data.tokenizer.sample_shares must be numbers >= 0 with a positive sum")
+    specials = tok.get("special_tokens") or []
+    if not all(isinstance(t, str) and t for t in specials):
+        raise DataConfigError("data.tokenizer.special_tokens must be a list of non-empty strings")

@@ -1,0 +1,82 @@
+"""Where prepared data lives and how token shards are written.
+
+Layout of `data.out_dir` (the same below `data.remote` when shards are served from object storage):
+
+    tokenizer.json                 the tokenizer, special tokens included
+    shards/<stream>/<split>/       MDS shards (streaming.MDSWriter), one column `tokens` (uint16 or uint32 ids of
+                                   one document, no end-of-text: the loader inserts it), plus `ftlm.json` (counts)
+    stats.json                     the report; written last, so its presence means the preparation is complete
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import numpy as np
+
+SPLITS = ("train", "val")
+META_FILE = "ftlm.json"
+COLUMN = "tokens"
+COMPRESSIONS = (None, "zstd", "zstd:1", "zstd:3", "zstd:9", "gz", "bz2", "br", "snappy")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
+
+
+def split_dir(root: str, stream: str, split: str) -> str:
+    """Directory (or URL) of one stream's split below a preparation root."""
+    return "/".join([root.rstrip("/"), "shards", stream, split]) if "://" in root else \
+        os.path.join(root, "shards", stream, split)
+
+
+def write_json_atomic(path: str, obj) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+class SplitWriter:
+    """MDS writer for one stream's split that also counts what it wrote."""
+
+    def __init__(self, directory: str, vocab_size: int, compression: Optional[str], size_limit: int):
+        from streaming import MDSWriter
+        self.directory = directory
+        self.dtype = token_dtype(vocab_size)
+        self.vocab_size = vocab_size
+        self._writer = MDSWriter(columns={COLUMN: f"ndarray:{self.dtype.name}"}, out=directory,
+                                 compression=compression, size_limit=size_limit)
+        self.docs = 0
+        self.tokens = 0
+
+    def write(self, tokens: np.ndarray) -> None:
+        self._writer.write({COLUMN: np.asarray(tokens, dtype=self.dtype)})
+        self.docs += 1
+        self.tokens += int(len(tokens))
+
+    def close(self) -> dict:
+        self._writer.finish()
+        meta = {"docs": self.docs, "tokens": self.tokens, "dtype": self.dtype.name, "vocab_size": self.vocab_size}
+        write_json_atomic(os.path.join(self.directory, META_FILE), meta)
+        return meta
+
+
+def read_meta(directory: str, cache_dir: Optional[str] = None) -> Optional[dict]:
+    """`ftlm.json` of a split directory or URL (downloaded into `cache_dir`), or None if it has none."""
+    if "://" not in directory:
+        path = os.path.join(directory, META_FILE)
+        if not os.path.isfile(path):
+            return None
+    else:
+        from streaming.base.storage import CloudDownloader
+        path = os.path.join(cache_dir or ".", META_FILE)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        try:
+            CloudDownloader.direct_download(f"{directory.rstrip('/')}/{META_FILE}", path, 60)
+        except Exception:  # older preparations or other tools: the loader falls back to index.json sizes
+            return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)

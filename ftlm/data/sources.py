@@ -1,0 +1,224 @@
+"""Input files -> raw documents, whatever shape the files are in.
+
+`data.sources` maps a stream name to files, globs or directories. Each supported file (.jsonl, .txt, .parquet,
+optionally .gz/.zst for the text formats) is read as a sequence of `RawDoc`s. Nothing in here stops a run:
+malformed lines, bad bytes, empty files and the like are counted in an `InputIssues` with their file and line,
+and the reader goes on.
+"""
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+logger = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = (".jsonl", ".json", ".txt")
+COMPRESSION_SUFFIXES = (".gz", ".zst")
+SUPPORTED = tuple(s + c for s in TEXT_SUFFIXES for c in ("",) + COMPRESSION_SUFFIXES) + (".parquet",)
+EXAMPLES_PER_ISSUE = 20  # file:line examples kept per kind of issue; all of them are counted
+
+
+@dataclass
+class RawDoc:
+    text: str
+    file: str
+    line: int  # 1-based line (jsonl/txt: first line of the document) or row number (parquet)
+
+
+@dataclass
+class InputIssues:
+    """Counts of input problems, each with a few `file:line` examples for the report."""
+    counts: Counter = field(default_factory=Counter)
+    examples: dict = field(default_factory=dict)
+
+    def add(self, kind: str, file: str, line: int, detail: str = "") -> None:
+        self.counts[kind] += 1
+        shown = self.examples.setdefault(kind, [])
+        if len(shown) < EXAMPLES_PER_ISSUE:
+            shown.append(f"{file}:{line}" + (f" ({detail})" if detail else ""))
+        if self.counts[kind] <= 3:
+            logger.warning("input issue %s at %s:%d%s", kind, file, line, f" ({detail})" if detail else "")
+
+    def to_dict(self) -> dict:
+        return {"counts": dict(sorted(self.counts.items())), "examples": self.examples}
+
+
+class SourceError(ValueError):
+    """A source path or pattern that cannot be used; the message names the config key and the path."""
+
+
+def resolve_files(stream: str, patterns: Iterable[str]) -> list[str]:
+    """Expand `data.sources.<stream>` into a sorted, de-duplicated list of readable files."""
+    if isinstance(patterns, (str, bytes)):
+        patterns = [patterns]
+    files: list[str] = []
+    for pattern in patterns:
+        pattern = os.path.abspath(os.path.expanduser(str(pattern)))
+        if os.path.isdir(pattern):
+            found = sorted(p for p in glob.glob(os.path.join(pattern, "**", "*"), recursive=True)
+                           if os.path.isfile(p) and p.endswith(SUPPORTED))
+            if not found:
+                raise SourceError(f"data.sources.{stream}: directory {pattern} holds no {'/'.join(SUPPORTED)} file")
+        elif glob.has_magic(pattern):
+            found = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+            if not found:
+                raise SourceError(f"data.sources.{stream}: no file matches {pattern}")
+        elif os.path.isfile(pattern):
+            found = [pattern]
+        else:
+            raise SourceError(f"data.sources.{stream}: no such file or directory: {pattern}")
+        for path in found:
+            if not path.endswith(SUPPORTED):
+                raise SourceError(f"data.sources.{stream}: {path} is not one of the supported formats "
+                                  f"({', '.join(SUPPORTED)})")
+        files.extend(found)
+    return list(dict.fromkeys(files))
+
+
+def _open_binary(path: str) -> io.BufferedIOBase:
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.endswith(".zst"):
+        import zstandard
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return open(path, "rb")
+
+
+def _lines(path: str, issues: InputIssues, max_line_bytes: int) -> Iterator[tuple[int, str]]:
+    """Yield (line number, decoded line without its end) and record byte-level issues.
+
+    A line longer than `max_line_bytes` is skipped without ever being held in memory whole.
+    """
+    saw_any = saw_crlf = False
+    last = b""
+    with _open_binary(path) as f:
+        number = 0
+        while True:
+            raw = f.readline(max_line_bytes + 1)
+            if not raw:
+                break
+            number += 1
+            saw_any = True
+            if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+                skipped = len(raw)
+                while raw and not raw.endswith(b"\n"):  # drain the rest of the enormous line
+                    raw = f.readline(1 << 20)
+                    skipped += len(raw)
+                issues.add("enormous_line", path, number, f"{skipped} bytes > data.max_line_bytes={max_line_bytes}")
+                last = raw or b"\n"
+                continue
+            last = raw
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                issues.add("byte_order_mark", path, 1)
+                raw = raw[3:]
+            if raw.endswith(b"\r\n"):
+                if not saw_crlf:
+                    issues.add("crlf_line_ends", path, number)
+                    saw_crlf = True
+                raw = raw[:-2]
+            elif raw.endswith(b"\n"):
+                raw = raw[:-1]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                issues.add("invalid_utf8", path, number, f"byte {err.start}: replaced")
+                text = raw.decode("utf-8", errors="replace")
+            yield number, text.replace("\r", "\n") if "\r" in text else text
+    if not saw_any:
+        issues.add("empty_file", path, 0)
+    elif not last.endswith(b"\n"):
+        issues.add("no_final_newline", path, number)
+
+
+def read_jsonl(path: str, text_field: str, issues: InputIssues, max_line_bytes: int) -> Iterator[RawDoc]:
+    for number, line in _lines(path, issues, max_line_bytes):
+        if not line.strip():
+            continue  # blank separator lines are harmless in jsonl
+        try:
+            record = json.loads(line)
+        except ValueError as err:
+            issues.add("malformed_json", path, number, str(err)[:80])
+            continue
+        if not isinstance(record, dict) or text_field not in record or record[text_field] is None:
+            issues.add("missing_text_field", path, number, f"no '{text_field}' (data.text_field)")
+            continue
+        text = record[text_field]
+        if not isinstance(text, str):
+            issues.add("non_string_text_field", path, number, f"'{text_field}' is {type(text).__name__}")
+            continue
+        if not text.strip():
+            issues.add("empty_document", path, number)
+            continue
+        yield RawDoc(text, path, number)
+
+
+def read_txt(path: str, issues: InputIssues, max_line_bytes: int) -> Iterator[RawDoc]:
+    """Documents are separated by one or more blank lines."""
+    buffer: list[str] = []
+    first = 0
+    for number, line in _lines(path, issues, max_line_bytes):
+        if line.strip():
+            if not buffer:
+                first = number
+            buffer.append(line)
+        elif buffer:
+            yield RawDoc("\n".join(buffer), path, first)
+            buffer = []
+    if buffer:
+        yield RawDoc("\n".join(buffer), path, first)
+
+
+def read_parquet(path: str, text_field: str, issues: InputIssues) -> Iterator[RawDoc]:
+    import pyarrow.parquet as pq
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as err:  # a truncated or foreign file must not stop the run
+        issues.add("unreadable_file", path, 0, str(err)[:80])
+        return
+    if parquet.metadata.num_rows == 0:
+        issues.add("empty_file", path, 0)
+        return
+    if text_field not in parquet.schema_arrow.names:
+        issues.add("missing_text_field", path, 0, f"no column '{text_field}' (data.text_field) in any of "
+                                                  f"{parquet.metadata.num_rows} rows")
+        return
+    row = 0
+    for batch in parquet.iter_batches(columns=[text_field], batch_size=4096):
+        for value in batch.column(0).to_pylist():
+            row += 1
+            if value is None:
+                issues.add("missing_text_field", path, row, f"'{text_field}' is null")
+            elif isinstance(value, bytes):
+                try:
+                    value = value.decode("utf-8")
+                except UnicodeDecodeError:
+                    issues.add("invalid_utf8", path, row, "replaced")
+                    value = value.decode("utf-8", errors="replace")
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                issues.add("non_string_text_field", path, row, f"'{text_field}' is {type(value).__name__}")
+            elif not value.strip():
+                issues.add("empty_document", path, row)
+            else:
+                yield RawDoc(value, path, row)
+
+
+def read_documents(files: list[str], text_field: str, issues: InputIssues,
+                   max_line_bytes: int) -> Iterator[RawDoc]:
+    """All documents of a stream's files, in file order then line order."""
+    for path in files:
+        stem = path[: -len(path.rsplit(".", 1)[1]) - 1] if path.endswith(COMPRESSION_SUFFIXES) else path
+        if path.endswith(".parquet"):
+            yield from read_parquet(path, text_field, issues)
+        elif stem.endswith((".jsonl", ".json")):
+            yield from read_jsonl(path, text_field, issues, max_line_bytes)
+        else:
+            yield from read_txt(path, issues, max_line_bytes)

@@ -1,0 +1,26 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_run_dir(tmp_path_factory) -> Path:
+    """A run directory as ftlm-train leaves it (config.yaml, tokenizer.json, checkpoints/step_00000002 with
+    ZeRO-3 shards, latest) for a 2-layer layernorm+gelu model with grouped-query attention and vocab 512,
+    trained 2 steps on random tokens; plus reference_weights.safetensors, the weights gathered by DeepSpeed.
+    Built once per session in a subprocess, so torch.distributed stays out of pytest's process."""
+    run_dir = tmp_path_factory.mktemp("tiny_run") / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_PORT"):  # a group of its own
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "eval" / "tiny_run.py"), str(run_dir)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, f"building the tiny run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["run_dir"] == str(run_dir)
+    return run_dir

@@ -1,0 +1,33 @@
+import copy
+import os
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def data_config(out_dir, **overrides) -> dict:
+    """conf/data/embedded.yaml as a plain dict, with out_dir and any top-level key replaced."""
+    os.environ.setdefault("FTLM_CACHE", str(out_dir))
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "data" / "embedded.yaml"), resolve=False)
+    cfg["out_dir"] = str(out_dir)
+    cfg["cache_dir"] = str(Path(out_dir) / "cache")
+    for key, value in overrides.items():
+        cfg[key] = copy.deepcopy(value)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def make_data_config():
+    return data_config
+
+
+@pytest.fixture(scope="session")
+def embedded_prepared(tmp_path_factory):
+    """The embedded corpus prepared once per session (about 5 s)."""
+    from ftlm.data.prepare import prepare
+    out = tmp_path_factory.mktemp("embedded")
+    cfg = data_config(out)
+    return cfg, prepare(OmegaConf.create(cfg))

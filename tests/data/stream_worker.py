@@ -1,0 +1,29 @@
+"""Run as a separate process (a 'rank' or a 'node') by test_stream.py: build the loaders the way a training rank does,
+with RANK/WORLD_SIZE/LOCAL_WORLD_SIZE in the environment, and print a digest of the first batches as JSON."""
+import hashlib
+import json
+import os
+import sys
+
+from ftlm.data.stream import build_train_loader, build_val_loaders
+
+
+def digest(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def main() -> None:
+    cfg = json.loads(sys.argv[1])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    train = build_train_loader(cfg, 64, 4, rank, world, seed=7)
+    val = build_val_loaders(cfg, 64, 4, rank, world, max_batches=3)
+    batches = [next(train) for _ in range(6)]
+    print(json.dumps({"train": digest(batches), "val": {k: digest(list(v)) for k, v in val.items()},
+                      "val_batches": {k: len(v) for k, v in val.items()}}))
+
+
+if __name__ == "__main__":
+    main()

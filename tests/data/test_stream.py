@@ -1,0 +1,163 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ftlm.data.checks import DataConfigError
+from ftlm.data.prepare import prepare
+from ftlm.data.shards import split_dir
+from ftlm.data.stream import build_train_loader, build_val_loaders, read_split
+from ftlm.data.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+SEQ, MB = 64, 4
+
+
+def with_mix(cfg, **mix):
+    return OmegaConf.create(dict(cfg, mix=mix))
+
+
+def test_batches_are_packed_documents_separated_by_eot(embedded_prepared):
+    cfg, prepared = embedded_prepared
+    loader = build_train_loader(OmegaConf.create(cfg), SEQ, MB, 0, 1, seed=1)
+    eot = Tokenizer.load(prepared.tokenizer_path).eot_id
+    batches = [next(loader) for _ in range(30)]
+    assert all(b.shape == (MB, SEQ + 1) and b.dtype == torch.long for b in batches)
+    stream = torch.cat([b.reshape(-1) for b in batches])
+    assert stream.max() < Tokenizer.load(prepared.tokenizer_path).vocab_size and stream.min() >= 0
+    # the concatenated rows are whole documents separated by <|endoftext|>
+    pieces = np.split(stream.numpy(), np.flatnonzero(stream.numpy() == eot) + 1)
+    train_docs = {tuple(t.tolist()) for s in ("ko", "en") for t in read_split(split_dir(cfg["out_dir"], s, "train"))}
+    whole = [p[:-1] for p in pieces[1:-1]]  # the first and last piece may be cut by the sample window
+    assert len(whole) > 5 and all(tuple(p.tolist()) in train_docs for p in whole)
+
+
+@pytest.mark.parametrize("ko", [0.7, 0.3])
+def test_observed_token_mix_matches_data_mix(embedded_prepared, ko):
+    cfg, _ = embedded_prepared
+    loader = build_train_loader(with_mix(cfg, ko=ko, en=round(1 - ko, 6)), 128, 8, 0, 1, seed=3)
+    for _ in range(600):  # ~600k tokens: several passes over the (repeated) mix
+        next(loader)
+    observed = loader.tokens_per_stream / loader.tokens_per_stream.sum()
+    assert loader.stream_names == ["ko", "en"]
+    assert abs(observed[0] - ko) < 0.03, observed
+
+
+def test_zero_share_streams_are_left_out(embedded_prepared):
+    cfg, _ = embedded_prepared
+    loader = build_train_loader(with_mix(cfg, ko=1.0, en=0.0), SEQ, MB, 0, 1, seed=0)
+    next(loader)
+    assert loader.stream_names == ["ko"]
+
+
+@pytest.mark.parametrize("steps_before", [3, 140])  # 140 batches cross an epoch boundary of the embedded corpus
+def test_restored_state_gives_exactly_the_following_batches(embedded_prepared, steps_before):
+    cfg = OmegaConf.create(embedded_prepared[0])
+    original = build_train_loader(cfg, SEQ, 8, 0, 1, seed=11)
+    for _ in range(steps_before):
+        next(original)
+    state = json.loads(json.dumps(original.state_dict()))  # what a checkpoint stores
+    expected = [next(original) for _ in range(25)]
+    resumed = build_train_loader(cfg, SEQ, 8, 0, 1, seed=11)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(expected, (next(resumed) for _ in range(25))))
+    fresh = build_train_loader(cfg, SEQ, 8, 0, 1, seed=11)
+    assert not torch.equal(next(fresh), expected[0])
+
+
+def test_ranks_read_disjoint_documents_deterministically(embedded_prepared):
+    cfg = OmegaConf.create(embedded_prepared[0])
+    ranks = [build_train_loader(cfg, SEQ, MB, r, 2, seed=5) for r in range(2)]
+    orders = [loader._epoch_order(0) for loader in ranks]
+    epoch = ranks[0]._order_all
+    assert not set(orders[0].tolist()) & set(orders[1].tolist()) - set(np.unique(epoch[np.unique(epoch, return_counts=True)[1] > 1]).tolist())
+    assert sorted(np.concatenate(orders).tolist()) == sorted(epoch.tolist())
+    again = build_train_loader(cfg, SEQ, MB, 1, 2, seed=5)
+    assert all(torch.equal(next(ranks[1]), next(again)) for _ in range(5))
+    assert not torch.equal(next(ranks[0]), next(ranks[1]))
+
+
+def test_other_world_size_resumes_approximately(embedded_prepared, caplog):
+    cfg = OmegaConf.create(embedded_prepared[0])
+    two = [build_train_loader(cfg, SEQ, MB, r, 2, seed=5) for r in range(2)]
+    states = []
+    for loader in two:
+        for _ in range(10):
+            next(loader)
+        states.append(loader.state_dict())
+    merged = dict(states[0], ranks={**states[0]["ranks"], **states[1]["ranks"]})
+    one = build_train_loader(cfg, SEQ, MB, 0, 1, seed=5)
+    one.load_state_dict(merged)
+    assert "approximate" in caplog.text
+    assert one._epoch == 0 and 0 < one._start <= 2 * max(s["ranks"][str(r)]["pos"] for r, s in enumerate(states))
+    assert next(one).shape == (MB, SEQ + 1)
+
+
+def test_val_loaders_are_finite_reiterable_and_equal_in_length_across_ranks(embedded_prepared):
+    cfg = OmegaConf.create(embedded_prepared[0])
+    per_rank = [build_val_loaders(cfg, SEQ, MB, r, 2, max_batches=3) for r in range(2)]
+    assert set(per_rank[0]) == {"ko", "en"}
+    for stream in ("ko", "en"):
+        lengths = [len(list(loaders[stream])) for loaders in per_rank]
+        assert lengths[0] == lengths[1] == len(per_rank[0][stream]) and 1 <= lengths[0] <= 3
+        first, second = list(per_rank[0][stream]), list(per_rank[0][stream])
+        assert all(torch.equal(a, b) and a.shape == (MB, SEQ + 1) for a, b in zip(first, second))
+    val_docs = {tuple(t.tolist()) for t in read_split(split_dir(embedded_prepared[0]["out_dir"], "ko", "val"))}
+    assert val_docs and not val_docs & {tuple(t.tolist()) for t in read_split(split_dir(embedded_prepared[0]["out_dir"], "ko", "train"))}
+
+
+def test_unprepared_data_and_bad_mix_are_clear_errors(embedded_prepared, tmp_path):
+    cfg = dict(embedded_prepared[0])
+    with pytest.raises(FileNotFoundError, match="data.out_dir"):
+        build_train_loader(OmegaConf.create(dict(cfg, out_dir=str(tmp_path))), SEQ, MB, 0, 1, seed=0)
+    with pytest.raises(DataConfigError, match="data.mix"):
+        build_train_loader(with_mix(cfg, ko=0.5, en=0.6), SEQ, MB, 0, 1, seed=0)
+    with pytest.raises(DataConfigError, match="data.mix names unknown"):
+        build_train_loader(with_mix(cfg, ko=0.5, fr=0.5), SEQ, MB, 0, 1, seed=0)
+
+
+def test_compressed_shards_stream_through_the_cache(embedded_prepared, make_data_config, tmp_path):
+    """zstd shards are decompressed into a per-process cache folder and give the same documents."""
+    cfg, prepared = embedded_prepared
+    corpus_dir = Path(cfg["out_dir"]) / "corpus"
+    compressed = make_data_config(
+        tmp_path, name="zstd", sources={"ko": [str(corpus_dir / "ko.jsonl")], "en": [str(corpus_dir / "en.jsonl")]},
+        shard_compression="zstd", tokenizer=dict(cfg["tokenizer"], path=prepared.tokenizer_path))
+    result = prepare(OmegaConf.create(compressed))
+    assert list(Path(split_dir(str(tmp_path), "ko", "train")).glob("*.mds.zstd"))
+    for split in ("train", "val"):
+        plain = read_split(split_dir(cfg["out_dir"], "ko", split))
+        packed = read_split(split_dir(result.out_dir, "ko", split), cache_dir=str(tmp_path / "read-cache"))
+        assert len(plain) == len(packed) and all(np.array_equal(a, b) for a, b in zip(plain, packed))
+    loader = build_train_loader(OmegaConf.create(compressed), SEQ, MB, 0, 1, seed=0)
+    next(loader)
+    assert any(p.name == f"pid{os.getpid()}" for p in (tmp_path / "cache").glob("*/*"))
+
+
+def test_two_processes_as_two_nodes_on_one_machine(embedded_prepared):
+    """Two ranks started at once, each its own node (LOCAL_WORLD_SIZE=1), as two launcher invocations on one host:
+    their streaming shared memory must not collide, and each must see what an in-process loader of its rank sees."""
+    cfg = embedded_prepared[0]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    procs = [subprocess.Popen([sys.executable, str(Path(__file__).parent / "stream_worker.py"), json.dumps(cfg)],
+                              env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    outputs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-3000:]
+        outputs.append(json.loads(out.strip().splitlines()[-1]))
+    assert outputs[0]["train"] != outputs[1]["train"]
+    assert outputs[0]["val_batches"] == outputs[1]["val_batches"]
+    sys.path.insert(0, str(Path(__file__).parent))
+    from stream_worker import digest
+    for rank, output in enumerate(outputs):
+        loader = build_train_loader(OmegaConf.create(cfg), 64, 4, rank, 2, seed=7)
+        assert output["train"] == digest([next(loader) for _ in range(6)])

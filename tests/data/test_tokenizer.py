@@ -1,0 +1,108 @@
+import json
+import unicodedata
+
+import pytest
+
+from ftlm.data import corpus
+from ftlm.data.tokenizer import EOT, PAD, Tokenizer, extend_tokenizer, train_tokenizer
+
+KOREAN_CASES = [
+    "대한민국은 민주공화국이다.",
+    "똻 뷁 뾟 쀍 꿻 햏 — 드문 음절도 바이트로 남는다",       # rare syllables WordPiece would turn into [UNK]
+    "옛한글: ᄒᆞᆫ글, ᄀᆞᄅᆞᆷ, ᄫᅡᆯ, ᅀᅵ (아래아와 옛 자모)",      # old Hangul: conjoining jamo with no precomposed form
+    "호환 자모 ㄱㄴㄷ ㅏㅑㅓ 와 반각 ﾡﾢ",
+    "이모지 😀👍🏽🇰🇷 👨‍👩‍👧 와 함께",
+    "def 합계(값들):\n    return sum(값들)  # 코드 속 한글\n",
+    "한국어 English 日本語 中文 Ελληνικά русский عربى mixed scripts 123.45%",
+    "\t탭과  두 칸   공백, 줄바꿈\n\n그리고 끝 ",
+]
+ENGLISH_CASES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Supercalifragilisticexpialidocious antidisestablishmentarianism",
+    'for i in range(10):\n    print(f"{i:>3}", end="")\n',
+    "naïve café résumé — “smart quotes” and ‘apostrophes’…",
+    "URLs https://example.com/a?b=c&d=e#f and emails a.b@c.de",
+    "Control-ish \x01 and NUL \x00 bytes survive a byte-level tokenizer too",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    texts = [d["text"] for d in corpus.korean_documents()] + [d["text"] for d in corpus.english_documents()][:120]
+    tok = train_tokenizer(texts, vocab_size=1200, show_progress=False)
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tok.save(str(path))
+    return Tokenizer.load(str(path)), path
+
+
+@pytest.mark.parametrize("text", KOREAN_CASES + ENGLISH_CASES)
+def test_round_trip_is_lossless_up_to_nfc(tokenizer, text):
+    tok, _ = tokenizer
+    ids = tok.encode(text)
+    assert ids and all(0 <= i < tok.vocab_size for i in ids)
+    assert tok.decode(ids) == unicodedata.normalize("NFC", text)
+
+
+def test_no_unknown_token_exists(tokenizer):
+    tok, path = tokenizer
+    model = json.loads(path.read_text())["model"]
+    assert model["type"] == "BPE" and model.get("unk_token") is None
+    assert len([t for t in model["vocab"] if len(t) == 1]) >= 256  # every byte has its own token
+
+
+def test_decomposed_jamo_encode_like_syllables(tokenizer):
+    tok, _ = tokenizer
+    text = "한국어 토크나이저"
+    assert tok.encode(unicodedata.normalize("NFD", text)) == tok.encode(text)
+
+
+def test_special_tokens_are_saved_and_not_spoofed_by_text(tokenizer):
+    tok, path = tokenizer
+    saved = {t["content"]: t for t in json.loads(path.read_text())["added_tokens"]}
+    assert saved[EOT]["special"] and saved[PAD]["special"]
+    assert tok.eot_id == saved[EOT]["id"] and tok.pad_id == saved[PAD]["id"] and tok.eot_id != tok.pad_id
+    ids = tok.encode(f"a{EOT}b")
+    assert tok.eot_id not in ids and tok.decode(ids) == f"a{EOT}b"
+    assert tok.decode([tok.eot_id]) == EOT
+
+
+def test_token_byte_lengths_add_up_to_utf8_bytes(tokenizer):
+    tok, _ = tokenizer
+    lengths = tok.token_byte_lengths()
+    assert lengths.shape == (tok.vocab_size,) and lengths.dtype.is_floating_point is False
+    assert lengths[tok.eot_id] == 0 and lengths[tok.pad_id] == 0
+    for text in KOREAN_CASES + ENGLISH_CASES:
+        nfc = unicodedata.normalize("NFC", text)
+        assert int(lengths[tok.encode(nfc)].sum()) == len(nfc.encode("utf-8"))
+
+
+def test_transformers_loads_the_tokenizer_json(tokenizer):
+    transformers = pytest.importorskip("transformers")
+    tok, path = tokenizer
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path))
+    for text in KOREAN_CASES[:3] + ENGLISH_CASES[:3]:
+        assert hf.encode(text) == tok.encode(text)
+        assert hf.decode(hf.encode(text)) == unicodedata.normalize("NFC", text)
+    assert hf.convert_tokens_to_ids(EOT) == tok.eot_id
+
+
+def test_extending_keeps_every_old_id_and_shortens_korean(tokenizer):
+    base, _ = tokenizer
+    english_only = train_tokenizer([d["text"] for d in corpus.english_documents()][:150], vocab_size=800,
+                                   show_progress=False)
+    korean = [d["text"] for d in corpus.korean_documents()]
+    extended = extend_tokenizer(english_only, korean, new_vocab_size=1200, show_progress=False)
+    old_vocab = english_only.backend.get_vocab(with_added_tokens=True)
+    new_vocab = extended.backend.get_vocab(with_added_tokens=True)
+    assert all(new_vocab[t] == i for t, i in old_vocab.items())
+    assert extended.vocab_size > english_only.vocab_size + 100
+    sample = "대한민국의 주권은 국민에게 있고, 모든 권력은 국민으로부터 나온다."
+    assert len(extended.encode(sample)) < 0.7 * len(english_only.encode(sample))
+    for text in KOREAN_CASES + ENGLISH_CASES:
+        assert extended.decode(extended.encode(text)) == unicodedata.normalize("NFC", text)
+    assert extended.eot_id == english_only.eot_id
+
+
+def test_too_small_vocabulary_is_a_config_error():
+    with pytest.raises(ValueError, match="data.tokenizer.vocab_size"):
+        train_tokenizer(["abc"], vocab_size=100, show_progress=False)

@@ -1,0 +1,99 @@
+"""Loading a model from a run directory, a checkpoint or an export, and the errors raised before any weights load."""
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import ftlm.checkpoint_io as cio
+from ftlm.export import write_ftlm
+from ftlm.model import GPT, GPTConfig
+
+
+def test_run_dir_checkpoint_and_checkpoints_root_load_the_same(tiny_run_dir):
+    reference = load_file(tiny_run_dir / "reference_weights.safetensors")
+    ckpt = tiny_run_dir / "checkpoints" / "step_00000002"
+    for path in (tiny_run_dir, ckpt, tiny_run_dir / "checkpoints"):
+        loaded = cio.load(path)
+        assert loaded.source.path == ckpt and loaded.source.step == 2
+        assert loaded.source.tokenizer_path == tiny_run_dir / "tokenizer.json"
+        assert not loaded.model.training
+        for k, v in loaded.model.state_dict().items():
+            assert torch.equal(v, reference[k]), k
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope does not exist"):
+        cio.load(tmp_path / "nope")
+
+
+def test_not_a_model_directory(tmp_path):
+    with pytest.raises(cio.CheckpointError, match="is not a run directory"):
+        cio.load(tmp_path)
+
+
+@pytest.fixture
+def weights_untouchable(monkeypatch):
+    """Reading weights fails loudly: an error raised with this active was raised before any weights were read."""
+    def boom(*args, **kwargs):
+        raise AssertionError("weights were read before the error was found")
+    monkeypatch.setattr(cio, "consolidate", boom)
+    monkeypatch.setattr(cio, "read_state_dict", boom)
+
+
+def test_config_mismatch_names_keys(tiny_run_dir, weights_untouchable):
+    with pytest.raises(cio.CheckpointError) as e:
+        cio.load(tiny_run_dir, expected_config={"n_layer": 4, "d_model": 256, "norm": "layernorm", "vocab_size": None})
+    msg = str(e.value)
+    assert "another model config" in msg and "step_00000002" in msg
+    assert "model.n_layer: checkpoint has 2, given config has 4" in msg
+    assert "model.d_model: checkpoint has 64, given config has 256" in msg
+    assert "model.norm" not in msg and "model.vocab_size" not in msg  # equal or null keys are not named
+
+
+def test_config_mismatch_from_preset_file(tiny_run_dir, weights_untouchable):
+    from ftlm.config import CONF_DIR
+
+    with pytest.raises(cio.CheckpointError, match="model.n_layer: checkpoint has 2, given config has 12"):
+        cio.load(tiny_run_dir, expected_config=CONF_DIR / "model" / "gpt_125m.yaml")
+
+
+def test_matching_config_loads(tiny_run_dir):
+    cfg = GPTConfig.from_dict(cio.locate(tiny_run_dir).config.__dict__ | {"attn_impl": "eager"})
+    assert cio.load(tiny_run_dir, expected_config=cfg).model.cfg.n_layer == 2
+
+
+def test_tokenizer_larger_than_model(tiny_run_dir, tmp_path, weights_untouchable):
+    cfg = GPTConfig(vocab_size=320, max_seq_len=32, n_layer=1, n_head=2, d_model=32)  # the tokenizer has 400
+    export = tmp_path / "small"
+    write_ftlm(export, cfg, GPT(cfg).state_dict(), tiny_run_dir / "tokenizer.json", torch.float32)
+    with pytest.raises(cio.CheckpointError, match="has 400 tokens but the model .* model.vocab_size=320"):
+        cio.load(export)
+
+
+def test_weights_that_disagree_with_their_config(tiny_run_dir, tmp_path):
+    cfg = GPTConfig(vocab_size=512, max_seq_len=32, n_layer=1, n_head=2, d_model=32)
+    state = GPT(cfg).state_dict()
+    state["blocks.0.mlp.fc_in.weight"] = state["blocks.0.mlp.fc_in.weight"][:7]
+    del state["norm.weight"]
+    write_ftlm(tmp_path / "bad", cfg, state, tiny_run_dir / "tokenizer.json", torch.float32)
+    with pytest.raises(cio.CheckpointError, match=r"missing norm.weight .*blocks.0.mlp.fc_in.weight: \(7, 32\)"):
+        cio.load(tmp_path / "bad")
+
+
+def test_torn_checkpoint_is_refused(tiny_run_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run_dir, run)
+    shard = next((run / "checkpoints" / "step_00000002").glob("*model_states.pt"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(cio.CheckpointError, match="step_00000002 is not usable: file .*model_states.pt has 100 bytes"):
+        cio.load(run / "checkpoints" / "step_00000002")
+    with pytest.raises(cio.CheckpointError, match="no complete checkpoint under"):
+        cio.load(run)
+
+
+def test_hugging_face_directory_is_pointed_out(tiny_run_dir, tmp_path):
+    from ftlm.export import export
+    export(tiny_run_dir, tmp_path / "out", dtype="fp32")
+    with pytest.raises(cio.CheckpointError, match="Hugging Face model directory"):
+        cio.load(tmp_path / "out" / "hf")

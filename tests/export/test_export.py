@@ -1,0 +1,121 @@
+"""ftlm-export: consolidation of ZeRO-3 shards, the ftlm files, and Hugging Face parity for both architectures."""
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from ftlm.checkpoint_io import load
+from ftlm.data.tokenizer import Tokenizer
+from ftlm.export import HFExportError, export, main, write_ftlm
+from ftlm.model import GPT, GPTConfig
+
+TEXT = "대한민국은 민주공화국이다. The function returns 42."
+
+
+def random_gpt(seed: int, **overrides) -> GPT:
+    """A small GPT whose every weight (norms and biases too) is random, so no term of the mapping hides."""
+    cfg = GPTConfig(vocab_size=512, max_seq_len=64, n_layer=2, n_head=4, d_model=64, attn_impl="sdpa",
+                    norm_impl="torch", **overrides)
+    torch.manual_seed(seed)
+    model = GPT(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name and name.endswith("weight")
+                    else 0.2 * torch.randn_like(p))
+    return model
+
+
+def hf_logits(hf_dir, ids):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return hf(ids).logits, type(hf).__name__
+
+
+ARCHS = {
+    "llama_gqa_tied": (dict(norm="rmsnorm", mlp="swiglu", n_kv_heads=2, tie_embeddings=True, bias=False),
+                       "LlamaForCausalLM"),
+    "llama_untied_bias": (dict(norm="rmsnorm", mlp="swiglu", n_kv_heads=4, tie_embeddings=False, bias=True,
+                               rope_theta=500000.0, norm_eps=1e-6), "LlamaForCausalLM"),
+    "neox_gqa_tied": (dict(norm="layernorm", mlp="gelu", n_kv_heads=2, tie_embeddings=True, bias=False),
+                      "GPTNeoXForCausalLM"),
+    "neox_untied_bias": (dict(norm="layernorm", mlp="gelu", n_kv_heads=4, tie_embeddings=False, bias=True,
+                              rope_theta=20000.0), "GPTNeoXForCausalLM"),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_hf_parity(arch, tiny_run_dir, tmp_path):
+    overrides, expected_class = ARCHS[arch]
+    model = random_gpt(len(arch), **overrides)
+    src = tmp_path / "ftlm"
+    write_ftlm(src, model.cfg, model.state_dict(), tiny_run_dir / "tokenizer.json", torch.float32)
+    export(src, tmp_path / "out", dtype="fp32")
+    ids = torch.randint(0, 512, (2, 13), generator=torch.Generator().manual_seed(0))
+    theirs, cls = hf_logits(tmp_path / "out" / "hf", ids)
+    with torch.no_grad():
+        ours, _ = model(ids)
+    assert cls == expected_class
+    assert ours.abs().max() > 1.0  # the comparison is not between near-zero numbers
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_export_run_dir_end_to_end(tiny_run_dir, tmp_path, capsys):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    out = tmp_path / "export"
+    assert main([str(tiny_run_dir), str(out), "--dtype", "fp32"]) == 0
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "ftlm_config.json", "tokenizer.json", "hf"}
+
+    # Consolidation gives back exactly the weights DeepSpeed gathered in the training process.
+    reference = load_file(tiny_run_dir / "reference_weights.safetensors")
+    exported = load_file(out / "model.safetensors")
+    assert exported.keys() == reference.keys()
+    for k in reference:
+        assert torch.equal(exported[k], reference[k]), k
+    meta = json.loads((out / "ftlm_config.json").read_text())
+    assert meta["step"] == 2 and meta["model"]["n_kv_heads"] == 2 and meta["model"]["vocab_size"] == 512
+
+    tok = AutoTokenizer.from_pretrained(out / "hf")
+    assert isinstance(tok, PreTrainedTokenizerFast)
+    ours = Tokenizer.load(tiny_run_dir / "tokenizer.json")
+    assert tok.eos_token_id == ours.eot_id and tok.pad_token_id == ours.pad_id
+    assert tok(TEXT)["input_ids"] == ours.encode(TEXT)
+    assert tok.decode(ours.encode(TEXT)) == TEXT
+
+    ids = torch.tensor([[ours.eot_id] + ours.encode(TEXT)])
+    theirs, cls = hf_logits(out / "hf", ids)
+    assert cls == "GPTNeoXForCausalLM"  # the tiny preset is layernorm + gelu
+    with torch.no_grad():
+        mine, _ = load(tiny_run_dir).model(ids)
+    torch.testing.assert_close(theirs, mine, atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_export_reloads(tiny_run_dir, tmp_path):
+    out = tmp_path / "bf16"
+    export(tiny_run_dir, out, dtype="bf16", hf=False)
+    assert not (out / "hf").exists()
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    reference = load_file(tiny_run_dir / "reference_weights.safetensors")
+    model = load(out).model  # an export directory loads like a checkpoint
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, reference[k].to(torch.bfloat16).float()), k
+
+
+def test_mixed_architecture_writes_ftlm_files_then_refuses_hf(tiny_run_dir, tmp_path, capsys):
+    model = random_gpt(0, norm="rmsnorm", mlp="gelu")
+    src = tmp_path / "src"
+    write_ftlm(src, model.cfg, model.state_dict(), tiny_run_dir / "tokenizer.json", torch.float32)
+    with pytest.raises(HFExportError, match="only rmsnorm\\+swiglu .* and layernorm\\+gelu"):
+        export(src, tmp_path / "a", dtype="fp32")
+    assert (tmp_path / "a" / "model.safetensors").is_file() and not (tmp_path / "a" / "hf").exists()
+
+    assert main([str(src), str(tmp_path / "b")]) == 1
+    err = capsys.readouterr().err
+    assert "model.norm=rmsnorm with model.mlp=gelu" in err and "--no-hf" in err
+    assert (tmp_path / "b" / "model.safetensors").is_file()
+    assert main([str(src), str(tmp_path / "c"), "--no-hf"]) == 0

@@ -1,0 +1,85 @@
+import math
+
+import pytest
+import torch
+
+from ftlm.config import compose, strip_launcher_args
+from ftlm.model import GPT, GPTConfig
+from ftlm.train.engine import build_ds_config, param_groups, resolve_precision
+from ftlm.train.main import check_trainer_config
+from ftlm.train.schedule import lr_multiplier
+
+
+def test_ds_config_from_conf_groups():
+    cfg = compose(["trainer.micro_batch_size=4", "trainer.grad_accum=3", "trainer.grad_clip=0.5"])
+    ds = build_ds_config(cfg.trainer, cfg.deepspeed, world_size=8, precision="bf16")
+    assert ds["train_batch_size"] == 4 * 3 * 8
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 3
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert "offload_optimizer" not in ds["zero_optimization"]
+
+
+@pytest.mark.parametrize("group,stage,offload", [("zero2", 2, False), ("zero3_offload", 3, True)])
+def test_other_deepspeed_groups(group, stage, offload):
+    cfg = compose([f"deepspeed={group}", "deepspeed.extra={wall_clock_breakdown: true}"])
+    ds = build_ds_config(cfg.trainer, cfg.deepspeed, world_size=1, precision="fp32")
+    assert ds["zero_optimization"]["stage"] == stage
+    assert ("offload_optimizer" in ds["zero_optimization"]) == offload
+    assert ("offload_param" in ds["zero_optimization"]) == offload
+    assert not ds["bf16"]["enabled"]
+    assert ds["wall_clock_breakdown"] is True  # deepspeed.extra is merged last
+
+
+def test_param_offload_needs_stage_3():
+    cfg = compose(["deepspeed=zero2", "deepspeed.offload_params=true"])
+    with pytest.raises(ValueError, match="deepspeed.offload_params"):
+        build_ds_config(cfg.trainer, cfg.deepspeed, world_size=1, precision="fp32")
+
+
+def test_precision_follows_device():
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("auto", torch.device("cuda")) == "bf16"
+    with pytest.raises(ValueError, match="trainer.precision"):
+        resolve_precision("fp8", torch.device("cpu"))
+
+
+def test_no_weight_decay_on_norms_biases_embeddings():
+    model = GPT(GPTConfig(vocab_size=64, max_seq_len=16, n_layer=2, n_head=2, d_model=32, bias=True, tie_embeddings=False))
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(n.endswith("weight") and "norm" not in n and "embed" not in n for n in decayed)
+    assert "blocks.0.attn.qkv.weight" in decayed and "lm_head.weight" in decayed
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_schedule_warmup_cosine_floor():
+    warm, decay, floor = 10, 90, 0.1
+    assert lr_multiplier(0, warm, decay, floor) == pytest.approx(0.1)
+    assert lr_multiplier(9, warm, decay, floor) == pytest.approx(1.0)
+    assert lr_multiplier(10, warm, decay, floor) == pytest.approx(1.0)
+    mid = lr_multiplier(10 + 45, warm, decay, floor)
+    assert mid == pytest.approx(floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_multiplier(100, warm, decay, floor) == pytest.approx(floor)
+    assert lr_multiplier(10_000, warm, decay, floor) == pytest.approx(floor)
+    values = [lr_multiplier(s, warm, decay, floor) for s in range(warm, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["prog", "--local_rank=1", "model=tiny"], ["prog", "model=tiny"]),
+    (["prog", "model=tiny", "--local_rank", "3"], ["prog", "model=tiny"]),
+    (["prog", "--local-rank=0", "trainer.lr=1e-3"], ["prog", "trainer.lr=1e-3"]),
+])
+def test_launcher_local_rank_never_reaches_hydra(argv, expected):
+    assert strip_launcher_args(argv) == expected
+
+
+@pytest.mark.parametrize("key,value", [("max_steps", 0), ("micro_batch_size", -1), ("lr", 0), ("min_lr_ratio", 2)])
+def test_trainer_config_errors_name_the_key(key, value):
+    cfg = compose([f"trainer.{key}={value}"])
+    with pytest.raises(ValueError, match=f"trainer.{key}"):
+        check_trainer_config(cfg.trainer)

@@ -1,0 +1,47 @@
+"""Real training runs: the deepspeed launcher with 2 CPU processes (ZeRO-3 over gloo), and a plain process."""
+import pytest
+
+from launch_util import FAST, deepspeed_cmd, python_cmd, run, scalars
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_rank_zero3_run_through_deepspeed_launcher(ftlm_cache, tmp_path):
+    run_dir = tmp_path / "run"
+    run(deepspeed_cmd(2, FAST + [f"trainer.out_dir={run_dir}", "trainer.max_steps=8", "trainer.log_interval=2",
+                                        "trainer.eval_interval=4", "trainer.save_interval=4", "trainer.keep_last=1"]),
+               ftlm_cache)
+    log = (run_dir / "train.log").read_text()
+    assert "world size 2" in log and "ZeRO stage 3" in log
+    assert "global batch: 4 sequences = 2 micro-batch x 1 accumulation x 2 ranks = 128 tokens per step" in log
+
+    tb = scalars(run_dir)
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "val/loss",
+                "val/ko/loss", "val/en/loss", "val/ko/bpb", "val/en/bpb"):
+        assert tag in tb, f"TensorBoard tag {tag} missing; have {sorted(tb)}"
+    assert sorted(tb["train/loss"]) == [2, 4, 6, 8]
+    assert sorted(tb["val/loss"]) == [4, 8]
+    lr = tb["train/lr"]  # the rate each logged step was taken with: warmup to 3e-3 by step 2, then cosine decay
+    assert lr[2] == pytest.approx(3e-3) and lr[2] > lr[4] > lr[6] > lr[8] >= 3e-4 * 0.999
+    assert all(0 < v < 20 for v in tb["train/loss"].values())
+
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert ckpts == ["latest", "step_00000008"]  # keep_last=1 deleted step 4 once step 8 was complete
+    step8 = run_dir / "checkpoints" / "step_00000008"
+    for rank in (0, 1):
+        assert (step8 / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt").is_file()
+        assert (step8 / f"rank{rank}_state.pt").is_file()
+    assert (step8 / "manifest.json").is_file()
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000008"
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "tokenizer.json").is_file()
+
+
+def test_single_process_without_launcher_learns(ftlm_cache, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run(python_cmd(FAST + [f"trainer.out_dir={run_dir}", "trainer.max_steps=30", "trainer.log_interval=5",
+                                  "trainer.eval_interval=0", "trainer.lr=3e-3", "model.norm=rmsnorm",
+                                  "model.mlp=swiglu"]), ftlm_cache)
+    assert "world size 1" in proc.stdout
+    losses = scalars(run_dir)["train/loss"]
+    assert losses[30] < 0.8 * losses[5]
+    assert "sample  '대한민국은' -> '대한민국은" in proc.stdout
