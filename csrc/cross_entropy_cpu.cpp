@@ -19,8 +19,9 @@ constexpr int64_t kChunk = 2048;
 
 template <typename scalar_t>
 float row_logsumexp(const scalar_t* x, int64_t vocab) {
+  // Sums are kept in double: summing tens of thousands of floats one by one in float32 loses ~1e-4.
   float running_max = -std::numeric_limits<float>::infinity();
-  float sum = 0.f;
+  double sum = 0.0;
   for (int64_t start = 0; start < vocab; start += kChunk) {
     const int64_t end = std::min(start + kChunk, vocab);
     float chunk_max = -std::numeric_limits<float>::infinity();
@@ -36,11 +37,11 @@ float row_logsumexp(const scalar_t* x, int64_t vocab) {
       running_max = chunk_max;
     }
     if (running_max == -std::numeric_limits<float>::infinity()) continue;  // everything -inf so far
-    float chunk_sum = 0.f;  // summed apart from the running total: less rounding error on long rows
+    double chunk_sum = 0.0;
     for (int64_t j = start; j < end; ++j) chunk_sum += std::exp(static_cast<float>(x[j]) - running_max);
     sum += chunk_sum;
   }
-  return running_max + std::log(sum);
+  return running_max + static_cast<float>(std::log(sum));
 }
 
 // About 32k elements per task, as ATen does for element-wise work.

@@ -68,7 +68,7 @@ def windows(ids: torch.Tensor, targets: torch.Tensor, seq_len: int,
     every position after the first is predicted exactly once; the last window is shorter rather than dropped."""
     n = ids.numel()
     starts = list(range(0, max(n - 1, 0), seq_len))
-    full = [s + 1 for s in starts if s + seq_len + 1 < n]
+    full = [s for s in starts if s + seq_len < n]
     for i in range(0, len(full), batch_size):
         group = full[i:i + batch_size]
         yield (torch.stack([ids[s:s + seq_len] for s in group]),

@@ -49,6 +49,9 @@ def init_distributed(device_name: str) -> Dist:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    # The deepspeed launcher says LOCAL_SIZE; torchrun, and mosaicml-streaming's rank logic, read LOCAL_WORLD_SIZE.
+    if "LOCAL_WORLD_SIZE" not in os.environ and "LOCAL_SIZE" in os.environ:
+        os.environ["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_SIZE"]
     device = resolve_device(device_name)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device.type == "cuda":

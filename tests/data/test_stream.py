@@ -75,9 +75,11 @@ def test_ranks_read_disjoint_documents_deterministically(embedded_prepared):
     cfg = OmegaConf.create(embedded_prepared[0])
     ranks = [build_train_loader(cfg, SEQ, MB, r, 2, seed=5) for r in range(2)]
     orders = [loader._epoch_order(0) for loader in ranks]
-    epoch = ranks[0]._order_all
-    assert not set(orders[0].tolist()) & set(orders[1].tolist()) - set(np.unique(epoch[np.unique(epoch, return_counts=True)[1] > 1]).tolist())
+    epoch = ranks[0]._order_all  # the whole epoch; Korean documents appear several times (upsampled by the mix)
     assert sorted(np.concatenate(orders).tolist()) == sorted(epoch.tolist())
+    ids, counts = np.unique(epoch, return_counts=True)
+    once = set(ids[counts == 1].tolist())
+    assert len(once) > 50 and not (set(orders[0].tolist()) & set(orders[1].tolist()) & once)
     again = build_train_loader(cfg, SEQ, MB, 1, 2, seed=5)
     assert all(torch.equal(next(ranks[1]), next(again)) for _ in range(5))
     assert not torch.equal(next(ranks[0]), next(ranks[1]))
