@@ -6,8 +6,8 @@ Three kinds of path are accepted:
                         or <run>/checkpoints/ itself (its newest complete checkpoint)
     export directory    model.safetensors + ftlm_config.json + tokenizer.json, as written by ftlm-export
 
-ZeRO shards are consolidated on the CPU without a process group by DeepSpeed's zero_to_fp32 (the one place
-where pickled files are read: our own trainer's shards). Everything else is JSON or safetensors.
+ZeRO shards are consolidated on the CPU without a process group by DeepSpeed's zero_to_fp32, whose torch.load
+calls run under torch's restricted (weights-only) unpickler; everything else is JSON or safetensors.
 Every check that can fail (path, config, tokenizer) runs before any weights are read.
 """
 from __future__ import annotations
@@ -36,6 +36,7 @@ TOKENIZER = "tokenizer.json"
 ARCH_KEYS = ("vocab_size", "n_layer", "n_head", "n_kv_heads", "d_model", "d_ff", "norm", "norm_eps", "mlp",
              "rope_theta", "tie_embeddings", "bias")
 RUNTIME_KEYS = ("attn_impl", "norm_impl", "max_seq_len")
+SOURCE_HELP = "a run directory, a checkpoint (checkpoints/step_XXXXXXXX) or an ftlm-export directory"
 
 
 class CheckpointError(ValueError):
@@ -50,6 +51,8 @@ class Source:
     tokenizer_path: Path
     config: GPTConfig
     step: int | None = None
+    tokenizer_vocab: int | None = None  # recorded at training time, when the trainer recorded it
+    tokenizer_sha256: str | None = None
 
 
 @dataclass
@@ -63,7 +66,7 @@ def locate(path: str | Path) -> Source:
     """Resolve a run directory, checkpoint or export directory to its files; reads JSON only."""
     p = Path(str(path)).expanduser()
     if not p.exists():
-        raise FileNotFoundError(f"{p} does not exist (expected a run directory, a checkpoint or an ftlm-export directory)")
+        raise FileNotFoundError(f"{p} does not exist (expected {SOURCE_HELP})")
     if p.is_dir() and (p / WEIGHTS).is_file() and (p / CONFIG).is_file():
         return _export_source(p)
     if p.is_dir() and (p / "checkpoints").is_dir():
@@ -100,7 +103,8 @@ def _checkpoint_source(ckpt: Path, tokenizer_path: Path) -> Source:
         config = state["model_config"]
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{state_file}: cannot read the model config ({type(e).__name__}: {e})") from None
-    return Source("checkpoint", ckpt, tokenizer_path, _config_from(config, state_file), state.get("step"))
+    return Source("checkpoint", ckpt, tokenizer_path, _config_from(config, state_file), state.get("step"),
+                  state.get("tokenizer_vocab"), state.get("tokenizer_sha256"))
 
 
 def _export_source(d: Path) -> Source:
@@ -108,26 +112,35 @@ def _export_source(d: Path) -> Source:
         meta = json.loads((d / CONFIG).read_text())
     except ValueError as e:
         raise CheckpointError(f"{d / CONFIG}: not valid JSON ({e})") from None
-    return Source("export", d, d / TOKENIZER, _config_from(meta["model"], d / CONFIG), meta.get("step"))
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise CheckpointError(f"{d / CONFIG}: no \"model\" section with the model config")
+    return Source("export", d, d / TOKENIZER, _config_from(meta["model"], d / CONFIG), meta.get("step"),
+                  meta.get("tokenizer_vocab"), meta.get("tokenizer_sha256"))
 
 
 def _config_from(values: dict, where: Path) -> GPTConfig:
+    # The kernels a run trained with (flash_attn, triton) may not exist where the model is used: pick afresh.
+    values = {**values, "attn_impl": "auto", "norm_impl": "auto"}
     try:
-        return GPTConfig.from_dict(dict(values))
+        return GPTConfig.from_dict(values)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: the stored model config is not valid: {e}") from None
 
 
 def read_expected_config(path: str | Path) -> dict:
     """The model section of a YAML/JSON file: a conf/model/*.yaml preset, or a whole config with `model:`."""
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
     p = Path(str(path)).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"--config: {p} does not exist")
-    values = OmegaConf.to_container(OmegaConf.load(p), resolve=True)
-    if isinstance(values, dict) and isinstance(values.get("model"), dict):
-        values = values["model"]
+    try:
+        node = OmegaConf.load(p)
+        if isinstance(node, DictConfig) and isinstance(node.get("model"), DictConfig):
+            node = node.model  # a whole config, such as a run's config.yaml
+        values = OmegaConf.to_container(node, resolve=True)
+    except Exception as e:  # YAML and interpolation errors come in many types
+        raise CheckpointError(f"--config: cannot read {p}: {e}") from None
     if not isinstance(values, dict):
         raise CheckpointError(f"--config: {p} does not hold a model config")
     return values
@@ -163,9 +176,18 @@ def load_tokenizer(source: Source):
         raise FileNotFoundError(f"tokenizer {source.tokenizer_path} does not exist (a run directory keeps it beside "
                                 "checkpoints/, an export directory beside model.safetensors)")
     tokenizer = Tokenizer.load(source.tokenizer_path)
+    if source.tokenizer_vocab is not None and tokenizer.vocab_size != source.tokenizer_vocab:
+        raise CheckpointError(f"tokenizer {source.tokenizer_path} has {tokenizer.vocab_size} tokens but {source.path} "
+                              f"was trained with a {source.tokenizer_vocab}-token tokenizer: token ids would mean "
+                              "other text")
+    if source.tokenizer_sha256 is not None and ckpt_files.tokenizer_fingerprint(source.tokenizer_path) != \
+            source.tokenizer_sha256:
+        log.warning("tokenizer %s is not the file %s was trained with (same vocabulary size); token ids may mean "
+                    "other text", source.tokenizer_path, source.path)
     if tokenizer.vocab_size > source.config.vocab_size:
         raise CheckpointError(f"tokenizer {source.tokenizer_path} has {tokenizer.vocab_size} tokens but the model in "
-                              f"{source.path} has model.vocab_size={source.config.vocab_size}: they do not belong together")
+                              f"{source.path} has model.vocab_size={source.config.vocab_size}: "
+                              "they do not belong together")
     return tokenizer
 
 
@@ -175,7 +197,7 @@ def consolidate(ckpt: Path) -> dict[str, torch.Tensor]:
     log.info("gathering the ZeRO shards of %s into one state dict", ckpt)
     chatter = io.StringIO()  # zero_to_fp32 prints its progress; keep it for debug logs only
     try:
-        with contextlib.redirect_stdout(chatter):
+        with ckpt_files.weights_only_loading(), contextlib.redirect_stdout(chatter):
             state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"cannot consolidate the ZeRO shards in {ckpt}: {e}") from e

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from ftlm.checkpoint_io import CONFIG, TOKENIZER, WEIGHTS, CheckpointError, locate, load_tokenizer, read_state_dict
-from ftlm.checkpoint_io import check_config, read_expected_config
+from ftlm.checkpoint_io import (CONFIG, SOURCE_HELP, TOKENIZER, WEIGHTS, CheckpointError, check_config, load_tokenizer,
+                                locate, read_expected_config, read_state_dict)
 from ftlm.model import GPTConfig
 
 log = logging.getLogger(__name__)
@@ -145,9 +145,14 @@ def _save_safetensors(state: dict[str, torch.Tensor], path: Path, dtype: torch.d
 
 def write_ftlm(out: Path, cfg: GPTConfig, state: dict, tokenizer_path: Path, dtype: torch.dtype,
                step: int | None = None, source: str = "") -> None:
+    from ftlm.data.tokenizer import Tokenizer
+    from ftlm.train.checkpoint import tokenizer_fingerprint
+
     out.mkdir(parents=True, exist_ok=True)
     _save_safetensors(state, out / WEIGHTS, dtype, {"format": "pt", "ftlm_config": json.dumps(asdict(cfg))})
-    meta = {"model": asdict(cfg), "step": step, "source": source, "dtype": HF_DTYPE_NAMES[dtype]}
+    meta = {"model": asdict(cfg), "step": step, "source": source, "dtype": HF_DTYPE_NAMES[dtype],
+            "tokenizer_vocab": Tokenizer.load(tokenizer_path).vocab_size,
+            "tokenizer_sha256": tokenizer_fingerprint(tokenizer_path)}
     (out / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
     if tokenizer_path.resolve() != (out / TOKENIZER).resolve():
         shutil.copyfile(tokenizer_path, out / TOKENIZER)
@@ -206,7 +211,7 @@ def export(src: str | Path, out: str | Path, dtype: str = "bf16", hf: bool = Tru
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ftlm-export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", help="a run directory, a checkpoint (checkpoints/step_XXXXXXXX) or an export directory")
+    parser.add_argument("source", help=SOURCE_HELP)
     parser.add_argument("out", help="output directory (created if missing)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weight precision (default bf16)")
     parser.add_argument("--no-hf", dest="hf", action="store_false", help="skip the Hugging Face directory <out>/hf")

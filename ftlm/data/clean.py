@@ -21,10 +21,16 @@ _ODD_SPACES = re.compile("[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
 _TRAILING_SPACE = re.compile("[ \t]+\n")
 _MANY_BLANK_LINES = re.compile("\n{3,}")
 
-LETTER = re.compile(r"[^\W\d_]")
-HANGUL = re.compile("[\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f\ua960-\ua97f\ud7b0-\ud7ff]")
-LATIN = re.compile("[A-Za-z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f]")
+# Runs, not single characters: counting sum(map(len, findall)) over runs is faster than one match per character.
+LETTER = re.compile(r"[^\W\d_]+")
+HANGUL = re.compile("[\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f\ua960-\ua97f\ud7b0-\ud7ff]+")
+LATIN = re.compile("[A-Za-z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f]+")
 SCRIPTS = {"ko": HANGUL, "en": LATIN}
+
+
+def count(pattern: re.Pattern, text: str) -> int:
+    """Characters of `text` matched by a run pattern such as LETTER or HANGUL."""
+    return sum(map(len, pattern.findall(text)))
 
 
 def normalize(text: str) -> str:
@@ -88,12 +94,12 @@ class QualityFilter:
             return "too_few_words"
         if c.max_mean_word_chars is not None and words and sum(map(len, words)) / len(words) > c.max_mean_word_chars:
             return "long_words"
-        letters = len(LETTER.findall(text))
+        letters = count(LETTER, text)
         visible = len(text) - text.count(" ") - text.count("\n") - text.count("\t")
         if c.min_letter_share is not None and letters < c.min_letter_share * max(visible, 1):
             return "few_letters"
         if self.script is not None and c.min_script_share is not None:
-            if len(self.script.findall(text)) < c.min_script_share * max(letters, 1):
+            if count(self.script, text) < c.min_script_share * max(letters, 1):
                 return "wrong_language"
         if self._repeated_lines(text):
             return "repeated_lines"

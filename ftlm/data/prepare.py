@@ -65,8 +65,9 @@ def expand_path(path: str) -> str:
 _STATE: dict[str, Any] = {}
 
 
-def _init_worker(clean_cfg: dict, dedup_cfg: dict) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes
+def _init_worker(clean_cfg: dict, dedup_cfg: dict, in_pool: bool) -> None:
+    if in_pool:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes
     clean = CleanConfig(**clean_cfg)
     _STATE["filters"] = {lang: QualityFilter(clean, lang) for lang in (None, "ko", "en")}
     _STATE["fingerprint"] = Fingerprinter(DedupConfig(**dedup_cfg))
@@ -106,9 +107,9 @@ class Workers:
         self.n = n
         self._pool = None
         if n > 1:
-            self._pool = multiprocessing.get_context("spawn").Pool(n, _init_worker, (clean_cfg, dedup_cfg))
+            self._pool = multiprocessing.get_context("spawn").Pool(n, _init_worker, (clean_cfg, dedup_cfg, True))
         else:
-            _init_worker(clean_cfg, dedup_cfg)
+            _init_worker(clean_cfg, dedup_cfg, False)
 
     def map(self, fn: Callable, tasks: Iterable) -> Iterator:
         if self._pool is None:
@@ -380,7 +381,7 @@ def _prepare(cfg: dict, streams: list[str], out_dir: str, wanted: str) -> Prepar
                                       for s, v in cfg["sources"].items()}, out_dir)
     files = {stream: resolve_files(stream, sources[stream]) for stream in streams}
     n_workers = cfg.get("num_workers")
-    n_workers = os.cpu_count() or 1 if n_workers is None else int(n_workers)
+    n_workers = (os.cpu_count() or 1) if n_workers is None else int(n_workers)
     clean_cfg = CleanConfig.from_cfg(cfg.get("clean")).__dict__
     dedup_cfg = DedupConfig.from_cfg(cfg.get("dedup")).__dict__
     workers = Workers(n_workers, clean_cfg, dedup_cfg)

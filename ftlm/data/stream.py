@@ -26,7 +26,7 @@ import re
 import shutil
 import tempfile
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 from unittest import mock
 
 import numpy as np
@@ -145,6 +145,11 @@ def read_split(directory: str, cache_dir: Optional[str] = None) -> list[np.ndarr
 
 
 # -- where the prepared data is ------------------------------------------------------------------------------------
+def default_cache_dir() -> str:
+    """Same as conf/data/*.yaml's data.cache_dir."""
+    return os.path.join(os.environ.get("FTLM_CACHE", "~/.cache/ftlm"), "streaming")
+
+
 def _prepared(cfg: dict) -> tuple[str, Tokenizer]:
     out_dir = expand_path(cfg["out_dir"])
     tokenizer_path = os.path.join(out_dir, TOKENIZER_FILE)
@@ -293,7 +298,7 @@ def build_train_loader(data_cfg, seq_len: int, micro_batch_size: int, rank: int,
     if seq_len < 1 or micro_batch_size < 1:
         raise ValueError(f"seq_len ({seq_len}) and micro_batch_size ({micro_batch_size}) must be positive")
     root, tokenizer = _prepared(cfg)
-    cache_dir = cfg.get("cache_dir") or os.path.join(tempfile.gettempdir(), "ftlm-cache")
+    cache_dir = cfg.get("cache_dir") or default_cache_dir()
     metas = {s: _split_meta(root, s, "train", cache_dir) for s in streams}
     used, proportions = _mix_proportions(cfg, streams, metas)
     dataset = open_dataset([split_dir(root, s, "train") for s in used], cache_dir, proportions,
@@ -354,7 +359,7 @@ def build_val_loaders(data_cfg, seq_len: int, micro_batch_size: int, rank: int, 
     cfg = as_dict(data_cfg)
     streams = stream_names(cfg)
     root, tokenizer = _prepared(cfg)
-    cache_dir = cfg.get("cache_dir") or os.path.join(tempfile.gettempdir(), "ftlm-cache")
+    cache_dir = cfg.get("cache_dir") or default_cache_dir()
     loaders = {}
     for stream in streams:
         meta = _split_meta(root, stream, "val", cache_dir)

@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from ftlm.checkpoint_io import SOURCE_HELP, CheckpointError, load, resolve_device, resolve_dtype
 from ftlm.model import KVCache
 
 log = logging.getLogger(__name__)
@@ -105,11 +106,12 @@ class StreamDecoder:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ftlm-generate", description="Continue a prompt with a trained model, "
                                      "printing the text as it is generated.")
-    parser.add_argument("source", help="a run directory, a checkpoint (checkpoints/step_XXXXXXXX) or an export directory")
+    parser.add_argument("source", help=SOURCE_HELP)
     parser.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
     parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy decoding (default 0.8)")
-    parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0: all (default 50)")
+    parser.add_argument("--top-k", type=int, default=50,
+                        help="sample among the k most likely tokens; 0: all (default 50)")
     parser.add_argument("--top-p", type=float, default=0.95, help="sample among the most likely tokens holding this "
                                                                   "probability mass; 1: all (default 0.95)")
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling (default: different every run)")
@@ -119,7 +121,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
-    from ftlm.checkpoint_io import CheckpointError, load, resolve_device, resolve_dtype
     if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0 or not 0.0 < args.top_p <= 1.0:
         parser.error("--max-new-tokens, --temperature and --top-k must not be negative; --top-p must be in (0, 1]")
     try:

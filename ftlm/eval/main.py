@@ -20,6 +20,7 @@ from typing import Iterator
 
 import torch
 
+from ftlm.checkpoint_io import SOURCE_HELP, CheckpointError, load, resolve_device, resolve_dtype
 from ftlm.eval.loss import IGNORE_INDEX, evaluate
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,8 @@ def read_documents(path: Path, text_key: str = "text") -> list[str]:
                 continue
             docs.append(text)
     if bad:
-        log.warning("%s: skipped %d malformed line(s) without a string '%s' (first: %s)", path, bad, text_key, first_bad)
+        log.warning("%s: skipped %d malformed line(s) without a string '%s' (first: %s)", path, bad, text_key,
+                    first_bad)
     return docs
 
 
@@ -118,7 +120,7 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ftlm-eval", description="Loss and bits per byte on text files.")
-    parser.add_argument("source", help="a run directory, a checkpoint (checkpoints/step_XXXXXXXX) or an export directory")
+    parser.add_argument("source", help=SOURCE_HELP)
     parser.add_argument("files", nargs="+", type=Path, help=".txt (one document) or .jsonl (one per line) files")
     parser.add_argument("--seq-len", type=int, default=None, help="tokens predicted per window (default: the "
                                                                   "model's max_seq_len)")
@@ -133,7 +135,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size <= 0 or (args.seq_len is not None and args.seq_len <= 0):
         parser.error("--seq-len and --batch-size must be positive")
 
-    from ftlm.checkpoint_io import CheckpointError, load, resolve_device, resolve_dtype
     try:
         missing = [str(f) for f in args.files if not f.is_file()]
         if missing:

@@ -140,7 +140,7 @@ def parse_args(argv):
                         "(default: 10%% of the GPU's memory, at least 2 GiB)")
     p.add_argument("--eager-attention", action="store_true",
                    help="activations of attn_impl=eager (keeps the s x s scores) instead of a fused kernel")
-    p.add_argument("overrides", nargs="*", help="model.<key>=<value>")
+    p.add_argument("overrides", nargs="*", help="model.<key>=<value> (and model=<preset>, like --model)")
     return p.parse_args(argv)
 
 
@@ -150,8 +150,12 @@ def plan(args) -> str:
             raise PlanError(f"{name} must be positive, got {value}")
     if not 0 < args.mfu <= 1:
         raise PlanError(f"--mfu must be in (0, 1], got {args.mfu}")
+    if args.seq_len is not None and args.seq_len <= 0:
+        raise PlanError(f"--seq-len must be positive, got {args.seq_len}")
     if args.peak_tflops is not None:
-        gpu, peak, gpu_name = None, args.peak_tflops * 1e12, args.gpu
+        if args.peak_tflops <= 0:
+            raise PlanError(f"--peak-tflops must be positive, got {args.peak_tflops}")
+        peak, gpu_name = args.peak_tflops * 1e12, args.gpu
         memory_gib = args.gpu_memory_gib
         if memory_gib is None:
             try:
@@ -169,7 +173,9 @@ def plan(args) -> str:
                             f"(it has {', '.join(gpu.peaks)}); use --precision or pass --peak-tflops")
         gpu_name, memory_gib = gpu.key, args.gpu_memory_gib or gpu.memory_gib
 
-    cfg = load_model_config(args.model, args.overrides, args.vocab)
+    presets = [o.split("=", 1)[1] for o in args.overrides if o.startswith("model=")]  # Hydra's spelling of --model
+    overrides = [o for o in args.overrides if not o.startswith("model=")]
+    cfg = load_model_config(presets[-1] if presets else args.model, overrides, args.vocab)
     seq_len = args.seq_len or cfg.max_seq_len
     if seq_len > cfg.max_seq_len:
         raise PlanError(f"--seq-len {seq_len} is longer than model.max_seq_len={cfg.max_seq_len}")

@@ -117,8 +117,9 @@ def train(cfg) -> dict:
     # Which checkpoint to continue from is settled before any weights exist, so a mismatch fails early.
     ckpt_root = run_dir / "checkpoints"
     resume_from = checkpoint.resolve_resume(t.resume, ckpt_root)
+    tokenizer_sha256 = checkpoint.tokenizer_fingerprint(prepared.tokenizer_path)
     if resume_from is not None:
-        checkpoint.check_compatible(resume_from, model_cfg)
+        checkpoint.check_compatible(resume_from, model_cfg, tokenizer.vocab_size, tokenizer_sha256)
         ds_config = checkpoint.adapt_ds_config(resume_from, ds_config, d.world_size, d.rank)
 
     seed_everything(int(t.seed))  # identical initial weights on every rank
@@ -155,7 +156,8 @@ def train(cfg) -> dict:
     def save():
         checkpoint.save(engine, ckpt_root, step,
                         {"step": step, "tokens_seen": tokens_seen, "world_size": d.world_size,
-                         "model_config": asdict(model_cfg), "config": OmegaConf.to_container(cfg, resolve=True)},
+                         "model_config": asdict(model_cfg), "tokenizer_vocab": tokenizer.vocab_size,
+                         "tokenizer_sha256": tokenizer_sha256, "config": OmegaConf.to_container(cfg, resolve=True)},
                         train_loader.state_dict(), int(t.keep_last), d.rank)
 
     log.info("training from step %d to %d; logs, checkpoints and TensorBoard in %s", step, t.max_steps, run_dir)

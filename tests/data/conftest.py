@@ -1,5 +1,4 @@
 import copy
-import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def data_config(out_dir, **overrides) -> dict:
     """conf/data/embedded.yaml as a plain dict, with out_dir and any top-level key replaced."""
-    os.environ.setdefault("FTLM_CACHE", str(out_dir))
     cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "data" / "embedded.yaml"), resolve=False)
     cfg["out_dir"] = str(out_dir)
     cfg["cache_dir"] = str(Path(out_dir) / "cache")

@@ -18,11 +18,16 @@ def digest(tensors) -> str:
 def main() -> None:
     cfg = json.loads(sys.argv[1])
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    import torch.distributed as dist
+    dist.init_process_group("gloo", rank=rank, world_size=world)  # as under the deepspeed launcher on CPU
     train = build_train_loader(cfg, 64, 4, rank, world, seed=7)
     val = build_val_loaders(cfg, 64, 4, rank, world, max_batches=3)
     batches = [next(train) for _ in range(6)]
+    state = train.state_dict()  # a collective: gathers every rank's position
+    after = [next(train) for _ in range(3)]
+    dist.destroy_process_group()
     print(json.dumps({"train": digest(batches), "val": {k: digest(list(v)) for k, v in val.items()},
-                      "val_batches": {k: len(v) for k, v in val.items()}}))
+                      "val_batches": {k: len(v) for k, v in val.items()}, "state": state, "after": digest(after)}))
 
 
 if __name__ == "__main__":

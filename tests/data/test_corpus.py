@@ -3,7 +3,7 @@ import subprocess
 import sys
 
 from ftlm.data import corpus
-from ftlm.data.clean import HANGUL, LATIN, LETTER
+from ftlm.data.clean import HANGUL, LATIN, LETTER, count
 
 
 def test_embedded_corpus_comes_from_installed_files_without_konlpy_java():
@@ -21,8 +21,8 @@ def test_embedded_corpus_comes_from_installed_files_without_konlpy_java():
 def test_documents_are_real_text_in_their_language():
     for docs, script, minimum in ((list(corpus.korean_documents()), HANGUL, 0.9),
                                   (list(corpus.english_documents()), LATIN, 0.9)):
-        letters = sum(len(LETTER.findall(d["text"])) for d in docs)
-        assert sum(len(script.findall(d["text"])) for d in docs) > minimum * letters
+        letters = sum(count(LETTER, d["text"]) for d in docs)
+        assert sum(count(script, d["text"]) for d in docs) > minimum * letters
         assert all(d["text"].strip() and d["source"] for d in docs)
         assert len({d["text"] for d in docs}) > 0.9 * len(docs)
     korean = "\n".join(d["text"] for d in corpus.korean_documents())

@@ -143,11 +143,17 @@ def test_compressed_shards_stream_through_the_cache(embedded_prepared, make_data
 
 
 def test_two_processes_as_two_nodes_on_one_machine(embedded_prepared):
-    """Two ranks started at once, each its own node (LOCAL_WORLD_SIZE=1), as two launcher invocations on one host:
-    their streaming shared memory must not collide, and each must see what an in-process loader of its rank sees."""
+    """Two ranks started at once, each its own node (LOCAL_WORLD_SIZE=1), as two launcher invocations on one host,
+    with a gloo process group: their streaming shared memory must not collide, each must see what an in-process
+    loader of its rank sees, and the gathered loader state must resume both exactly."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     cfg = embedded_prepared[0]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+           "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}
     procs = [subprocess.Popen([sys.executable, str(Path(__file__).parent / "stream_worker.py"), json.dumps(cfg)],
                               env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for r in range(2)]
@@ -160,6 +166,11 @@ def test_two_processes_as_two_nodes_on_one_machine(embedded_prepared):
     assert outputs[0]["val_batches"] == outputs[1]["val_batches"]
     sys.path.insert(0, str(Path(__file__).parent))
     from stream_worker import digest
+    # state_dict() gathered both ranks' positions; either rank's copy resumes any rank exactly
+    assert outputs[0]["state"] == outputs[1]["state"] and set(outputs[0]["state"]["ranks"]) == {"0", "1"}
     for rank, output in enumerate(outputs):
         loader = build_train_loader(OmegaConf.create(cfg), 64, 4, rank, 2, seed=7)
         assert output["train"] == digest([next(loader) for _ in range(6)])
+        resumed = build_train_loader(OmegaConf.create(cfg), 64, 4, rank, 2, seed=7)
+        resumed.load_state_dict(outputs[0]["state"])
+        assert output["after"] == digest([next(resumed) for _ in range(3)])

@@ -1,6 +1,6 @@
 """Builds a tiny training run directory the way ftlm-train lays it out: used by the `tiny_run_dir` fixture.
 
-    python tests/eval/tiny_run.py <run dir> [model.key=value ...]
+    python tests/eval/tiny_run.py <run dir> [model.key=value ...] [deepspeed=zero2]
 
 Runs in its own process so that torch.distributed (DeepSpeed's group of one) stays out of pytest's.
 """
@@ -50,13 +50,14 @@ def main(run_dir: Path, extra: list[str]) -> None:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     n_vocab = train_tokenizer(run_dir / "tokenizer.json")
-    model_cfg = GPTConfig.from_dict(model_overrides(extra))
+    model_cfg = GPTConfig.from_dict(model_overrides([e for e in extra if e.startswith("model.")]))
     assert n_vocab <= model_cfg.vocab_size
     # The trainer and deepspeed groups straight from conf/, so the fixture follows the shipped defaults.
     trainer = OmegaConf.load(CONF_DIR / "trainer" / "default.yaml")
     trainer.merge_with_dotlist(["micro_batch_size=2", "grad_accum=1", "seq_len=32", "warmup_steps=0", "max_steps=2",
                                 "lr=1e-2"])
-    ds_cfg = OmegaConf.load(CONF_DIR / "deepspeed" / "zero3.yaml")
+    preset = next((e.split("=", 1)[1] for e in extra if e.startswith("deepspeed=")), "zero3")
+    ds_cfg = OmegaConf.load(CONF_DIR / "deepspeed" / f"{preset}.yaml")
 
     d = init_distributed("cpu")
     ds_config = build_ds_config(trainer, ds_cfg, d.world_size, "fp32")
@@ -72,6 +73,7 @@ def main(run_dir: Path, extra: list[str]) -> None:
     config = {"model": asdict(model_cfg), "trainer": OmegaConf.to_container(trainer)}
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config))
     state = {"step": 2, "tokens_seen": 2 * 2 * 32, "world_size": d.world_size, "model_config": asdict(model_cfg),
+             "tokenizer_vocab": n_vocab, "tokenizer_sha256": checkpoint.tokenizer_fingerprint(run_dir / "tokenizer.json"),
              "config": config}
     checkpoint.save(engine, run_dir / "checkpoints", 2, state, {"position": 0}, keep_last=3, rank=d.rank)
     # The trained weights, gathered by DeepSpeed itself, so tests can check consolidation against them.

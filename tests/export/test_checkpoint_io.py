@@ -61,6 +61,31 @@ def test_config_mismatch_from_preset_file(tiny_run_dir, weights_untouchable):
 def test_matching_config_loads(tiny_run_dir):
     cfg = GPTConfig.from_dict(cio.locate(tiny_run_dir).config.__dict__ | {"attn_impl": "eager"})
     assert cio.load(tiny_run_dir, expected_config=cfg).model.cfg.n_layer == 2
+    assert cio.load(tiny_run_dir, expected_config=tiny_run_dir / "config.yaml").model.cfg.n_kv_heads == 2
+
+
+def test_cli_config_mismatch(tiny_run_dir, tmp_path, capsys, weights_untouchable):
+    from ftlm.export import main
+
+    (tmp_path / "m.yaml").write_text("n_layer: 3\nmlp: swiglu\n")
+    assert main([str(tiny_run_dir), str(tmp_path / "out"), "--config", str(tmp_path / "m.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert "model.n_layer: checkpoint has 2, given config has 3" in err and "model.mlp: checkpoint has 'gelu'" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_kernels_chosen_at_load_time(tiny_run_dir, tmp_path):
+    """A model trained with flash_attn or triton loads where those are missing: attn_impl is a runtime choice."""
+    import json
+
+    cfg = GPTConfig(vocab_size=512, max_seq_len=32, n_layer=1, n_head=2, d_model=32)
+    write_ftlm(tmp_path / "e", cfg, GPT(cfg).state_dict(), tiny_run_dir / "tokenizer.json", torch.float32)
+    meta = json.loads((tmp_path / "e" / "ftlm_config.json").read_text())
+    meta["model"].update(attn_impl="flash_attn", norm_impl="triton")
+    (tmp_path / "e" / "ftlm_config.json").write_text(json.dumps(meta))
+    model = cio.load(tmp_path / "e").model
+    assert (model.cfg.attn_impl, model.cfg.norm_impl) == ("auto", "auto")
+    assert cio.load(tmp_path / "e", attn_impl="eager").model.cfg.attn_impl == "eager"
 
 
 def test_tokenizer_larger_than_model(tiny_run_dir, tmp_path, weights_untouchable):
@@ -97,3 +122,14 @@ def test_hugging_face_directory_is_pointed_out(tiny_run_dir, tmp_path):
     export(tiny_run_dir, tmp_path / "out", dtype="fp32")
     with pytest.raises(cio.CheckpointError, match="Hugging Face model directory"):
         cio.load(tmp_path / "out" / "hf")
+
+
+def test_tokenizer_other_than_the_one_trained_with(tiny_run_dir, tmp_path, weights_untouchable):
+    from ftlm.data.tokenizer import train_tokenizer
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run_dir, run)
+    train_tokenizer(["completely different text, 다른 글"] * 8, 300, min_frequency=1,
+                    show_progress=False).save(str(run / "tokenizer.json"))
+    with pytest.raises(cio.CheckpointError, match=r"has \d+ tokens but .* was trained with a 400-token tokenizer"):
+        cio.load(run)

@@ -220,6 +220,9 @@ def test_cli_stats_json_and_overrides(tmp_path, capsys):
     stats.write_text(json.dumps({"streams": [{"name": "ko"}]}))
     assert main(["--stats", str(stats)]) == 2
     assert "found no token count" in capsys.readouterr().err
+    assert main(["model=gpt_350m", "model.d_model=1280", "model.n_head=20", "--vocab", "50257"]) == 0
+    out = capsys.readouterr().out
+    assert "model gpt_350m: 24 layers, d_model 1280, 20 heads" in out and "vocab 50257" in out
     assert main(["model.no_such_key=3"]) == 2
     assert "unknown key model.no_such_key" in capsys.readouterr().err
 

@@ -59,3 +59,40 @@ def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
     acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+# -- resumption tests (test_resume.py) -----------------------------------------------------------------------------
+HOOKS = Path(__file__).resolve().parent / "resume_hooks.py"  # ftlm.train.main with test hooks, see its docstring
+
+
+def hooked_python_cmd(overrides: list[str]) -> list[str]:
+    return [sys.executable, str(HOOKS), *overrides]
+
+
+def hooked_deepspeed_cmd(nprocs: int, overrides: list[str]) -> list[str]:
+    return [str(BIN / "deepspeed"), "--num_gpus", str(nprocs), "--master_port", str(free_port()), str(HOOKS),
+            *overrides]
+
+
+def run_status(cmd: list[str], cache: Path, extra_env: dict | None = None,
+               timeout: int = 300) -> subprocess.CompletedProcess:
+    """Like run(), with extra environment variables, and returning a failed process instead of raising."""
+    e = {**env(cache), **(extra_env or {})}
+    return subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout)
+
+
+def start(cmd: list[str], cache: Path, output: Path) -> subprocess.Popen:
+    """Start a process in its own process group, stdout and stderr to `output`."""
+    with open(output, "w") as out:
+        return subprocess.Popen(cmd, cwd=REPO, env=env(cache), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def newest_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
+    """The scalars of the newest TensorBoard event file only: what the last (resumed) process logged."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    newest = max((run_dir / "tensorboard").glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+    acc = EventAccumulator(str(newest), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}

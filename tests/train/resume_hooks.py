@@ -1,0 +1,36 @@
+"""`ftlm.train.main` with test hooks, run as a script (by python or the deepspeed launcher) from test_resume.py.
+
+    FTLM_TEST_KILL_AT_SEAL=<step>       SIGKILL this process when the save of <step> has written every shard but
+                                        not yet its manifest: the middle of a save, with no timing to race
+    FTLM_TEST_SAVE_AFTER_LOAD=<folder>  right after a checkpoint is loaded, save the engine's state as DeepSpeed
+                                        sees it to <folder>/after_load, so a test can compare it with the source
+"""
+import os
+import runpy
+import signal
+
+from ftlm.train import checkpoint
+
+kill_at = os.environ.get("FTLM_TEST_KILL_AT_SEAL")
+if kill_at:
+    seal = checkpoint._seal
+
+    def _seal_or_die(tmp, step):
+        if step == int(kill_at):
+            os.kill(os.getpid(), signal.SIGKILL)
+        seal(tmp, step)
+
+    checkpoint._seal = _seal_or_die
+
+save_after_load = os.environ.get("FTLM_TEST_SAVE_AFTER_LOAD")
+if save_after_load:
+    load = checkpoint.load
+
+    def _load_then_save(engine, ckpt, rank, world_size):
+        loaded = load(engine, ckpt, rank, world_size)
+        engine.save_checkpoint(save_after_load, tag="after_load", save_latest=False)
+        return loaded
+
+    checkpoint.load = _load_then_save
+
+runpy.run_module("ftlm.train.main", run_name="__main__", alter_sys=True)
