@@ -1,7 +1,10 @@
 // Python bindings of ftlm._C: checks the arguments once, then dispatches to the CPU or CUDA kernel.
 #include "cross_entropy.h"
 
-#include <torch/extension.h>
+#include <ATen/ops/empty_like.h>
+// The pybind11 type casters for tensors, without the whole C++ frontend that torch/extension.h pulls in
+// (several times faster to compile).
+#include <torch/csrc/utils/pybind.h>
 
 namespace ftlm {
 namespace {

@@ -194,10 +194,13 @@ def load_tokenizer(source: Source):
 def consolidate(ckpt: Path) -> dict[str, torch.Tensor]:
     """One full fp32 state dict on the CPU from a checkpoint's ZeRO shards (any number of ranks)."""
     get_fp32_state_dict_from_zero_checkpoint = _zero_to_fp32()
+    from deepspeed.utils.tensor_fragment import fragment_address  # a plain record in ZeRO-1/2 optimizer files
+
     log.info("gathering the ZeRO shards of %s into one state dict", ckpt)
     chatter = io.StringIO()  # zero_to_fp32 prints its progress; keep it for debug logs only
     try:
-        with ckpt_files.weights_only_loading(), contextlib.redirect_stdout(chatter):
+        with ckpt_files.weights_only_loading(), torch.serialization.safe_globals([fragment_address]), \
+                contextlib.redirect_stdout(chatter):
             state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"cannot consolidate the ZeRO shards in {ckpt}: {e}") from e

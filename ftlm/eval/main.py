@@ -93,9 +93,12 @@ def evaluate_files(model, tokenizer, files: list[Path], seq_len: int, batch_size
         if n_tokens == 0:
             log.warning("%s: no text to evaluate", path)
             continue
-        batches = list(windows(ids, targets, seq_len, batch_size))
+        full, rest = divmod(ids.numel() - 1, seq_len)
+        n_batches = math.ceil(full / batch_size) + (rest > 0)  # as many as windows() yields
+        batches = tqdm(windows(ids, targets, seq_len, batch_size), desc=path.name, unit="batch", total=n_batches,
+                       leave=False)
         name = str(path)
-        val = evaluate(model, {name: tqdm(batches, desc=path.name, unit="batch", leave=False)}, device, token_bytes)
+        val = evaluate(model, {name: batches}, device, token_bytes)
         results[name] = {"loss": val[f"val/{name}/loss"], "bpb": val[f"val/{name}/bpb"],
                          "tokens": n_tokens, "bytes": n_bytes}
     if results:

@@ -132,9 +132,11 @@ class Norm(nn.Module):
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
 
 
-def rope_cache(cfg: GPTConfig, seq_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cache(cfg: GPTConfig, start: int, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles for positions start .. start+length-1."""
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device, dtype=torch.float32) / cfg.head_dim))
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    positions = torch.arange(start, start + length, device=device, dtype=torch.float32)
+    angles = torch.outer(positions, inv_freq)
     angles = torch.cat([angles, angles], dim=-1)  # (seq, head_dim), rotate-half layout
     return angles.cos(), angles.sin()
 
@@ -279,8 +281,7 @@ class GPT(nn.Module):
         start = cache.length if cache is not None else 0
         if start + t > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + t} tokens is longer than model.max_seq_len={self.cfg.max_seq_len}")
-        cos, sin = rope_cache(self.cfg, start + t, idx.device)
-        cos, sin = cos[start:], sin[start:]
+        cos, sin = rope_cache(self.cfg, start, t, idx.device)
         x = F.dropout(self.embed(idx), self.cfg.dropout, self.training)
         for block in self.blocks:
             if self.activation_checkpointing and self.training:

@@ -1,5 +1,9 @@
 """ftlm-export: consolidation of ZeRO-3 shards, the ftlm files, and Hugging Face parity for both architectures."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,3 +123,33 @@ def test_mixed_architecture_writes_ftlm_files_then_refuses_hf(tiny_run_dir, tmp_
     assert "model.norm=rmsnorm with model.mlp=gelu" in err and "--no-hf" in err
     assert (tmp_path / "b" / "model.safetensors").is_file()
     assert main([str(src), str(tmp_path / "c"), "--no-hf"]) == 0
+
+
+@pytest.fixture(scope="module")
+def zero2_llama_run(tmp_path_factory) -> Path:
+    """Like tiny_run_dir, but rmsnorm+swiglu trained under ZeRO-2 (whose optimizer files hold other records)."""
+    run = tmp_path_factory.mktemp("zero2") / "run"
+    script = Path(__file__).resolve().parents[1] / "eval" / "tiny_run.py"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(script.parents[2]))
+    proc = subprocess.run([sys.executable, str(script), str(run), "deepspeed=zero2", "model.norm=rmsnorm",
+                           "model.mlp=swiglu", "model.tie_embeddings=false"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run
+
+
+def test_zero2_llama_checkpoint_end_to_end(zero2_llama_run, tmp_path):
+    assert not list((zero2_llama_run / "checkpoints" / "step_00000002").glob("zero_pp_rank_*model_states.pt"))
+    export(zero2_llama_run, tmp_path / "out", dtype="fp32")
+    reference = load_file(zero2_llama_run / "reference_weights.safetensors")
+    exported = load_file(tmp_path / "out" / "model.safetensors")
+    assert exported.keys() == reference.keys() and "lm_head.weight" in exported
+    assert all(torch.equal(exported[k], reference[k]) for k in reference)
+    ours = load(tmp_path / "out")
+    ids = torch.tensor([ours.tokenizer.encode(TEXT)])
+    theirs, cls = hf_logits(tmp_path / "out" / "hf", ids)
+    with torch.no_grad():
+        mine, _ = ours.model(ids)
+    assert cls == "LlamaForCausalLM"
+    torch.testing.assert_close(theirs, mine, atol=1e-4, rtol=1e-4)

@@ -23,7 +23,7 @@ def test_ds_config_from_conf_groups():
 
 @pytest.mark.parametrize("group,stage,offload", [("zero2", 2, False), ("zero3_offload", 3, True)])
 def test_other_deepspeed_groups(group, stage, offload):
-    cfg = compose([f"deepspeed={group}", "deepspeed.extra={wall_clock_breakdown: true}"])
+    cfg = compose([f"deepspeed={group}", "+deepspeed.extra.wall_clock_breakdown=true"])
     ds = build_ds_config(cfg.trainer, cfg.deepspeed, world_size=1, precision="fp32")
     assert ds["zero_optimization"]["stage"] == stage
     assert ("offload_optimizer" in ds["zero_optimization"]) == offload
