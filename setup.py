@@ -14,6 +14,7 @@ ftlm falls back to its PyTorch implementations with a warning at run time.
 """
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -44,6 +45,16 @@ def find_cuda_home():
     return None
 
 
+def nvcc_version(cuda_home):
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True,
+                             timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = re.search(r"release (\d+)\.(\d+)", out)
+    return f"{match.group(1)}.{match.group(2)}" if match else None
+
+
 def gpu_visible(torch):
     if shutil.which("nvidia-smi"):
         try:
@@ -66,6 +77,13 @@ def want_cuda(torch):
         problems.append(f"torch {torch.__version__} is not a CUDA build")
     if cuda_home is None:
         problems.append("no CUDA toolkit found (nvcc / CUDA_HOME)")
+    elif torch.version.cuda is not None:
+        nvcc = nvcc_version(cuda_home)
+        # torch.utils.cpp_extension refuses a different major version (a minor difference only warns).
+        if nvcc is None:
+            problems.append(f"could not run {cuda_home}/bin/nvcc --version")
+        elif nvcc.split(".")[0] != torch.version.cuda.split(".")[0]:
+            problems.append(f"nvcc {nvcc} does not match torch's CUDA {torch.version.cuda}")
     if flag == "1":
         if problems:
             raise SystemExit("ftlm setup.py: FTLM_CUDA=1 but the CUDA kernels cannot be built: " + "; ".join(problems))
@@ -94,7 +112,7 @@ def extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cxx_flags = ["-O3"]
+    cxx_flags = ["-O3", "-g0"]  # no debug info: a smaller library, a faster build
     if not with_cuda:
         ext = CppExtension("ftlm._C", sources, extra_compile_args={"cxx": cxx_flags})
     else:

@@ -37,7 +37,8 @@ def _attn_fwd(Q, K, V, O, LSE,
               H, T, S, N_REP, qk_scale,
               D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = tl.program_id(0)
+    # Causal: the last query blocks see the most keys; launching them first shortens the tail of the grid.
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = bh % H
@@ -199,7 +200,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
                  D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One query block of one query head; loops over the key blocks it can see."""
-    start_m = tl.program_id(0)
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)  # heaviest first
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = bh % H
@@ -256,9 +257,11 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
 # ---------------------------------------------------------------------------------------------------
 # Launching: plain jit with fixed blocks under the interpreter, autotuned jit on the GPU.
 
-def _gpu_configs(block_ms, block_ns):
+def _gpu_configs(block_ms, block_ns, stages):
+    # 16 candidates per kernel: tuning a new shape costs seconds, not minutes. Configs that do not fit in
+    # shared memory are skipped by the autotuner.
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm in block_ms for bn in block_ns for w in (4, 8) for s in (2, 3, 4)]
+            for bm in block_ms for bn in block_ns for w in (4, 8) for s in stages]
 
 
 _TUNE_KEY = ["T", "S", "BLOCK_D", "CAUSAL", "N_REP"]
@@ -274,9 +277,9 @@ def _kernel(name):
         kernel = triton.jit(fn)
         if not interpret and name != "delta":
             configs = {
-                "fwd": _gpu_configs((64, 128), (32, 64, 128)),
-                "dkdv": _gpu_configs((32, 64), (64, 128)),
-                "dq": _gpu_configs((64, 128), (32, 64)),
+                "fwd": _gpu_configs((64, 128), (64, 128), (3, 4)),
+                "dkdv": _gpu_configs((32, 64), (64, 128), (2, 3)),
+                "dq": _gpu_configs((64, 128), (32, 64), (2, 3)),
             }[name]
             kernel = triton.autotune(configs, key=_TUNE_KEY)(kernel)
         _kernel_cache[key] = kernel

@@ -275,6 +275,8 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, cache: KVCache | None = None, ignore_index: int = -100):
         """idx: (B, T) token ids. Returns (logits, loss); loss is None without targets.
 
+        With targets in training mode, backward overwrites the returned logits with their gradient.
+
         With a cache, idx holds only the new tokens and positions continue from cache.length.
         """
         b, t = idx.shape
@@ -296,5 +298,8 @@ class GPT(nn.Module):
             return F.linear(x, weight), None
         logits = F.linear(x, weight)
         from ftlm import kernels
-        loss = kernels.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index)
+        # In training nothing reads the logits after backward, so their gradient may take their memory:
+        # one logits-sized buffer (vocab x tokens, the largest activation) less at peak.
+        loss = kernels.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index,
+                                     inplace_backward=self.training)
         return logits, loss

@@ -91,8 +91,9 @@ def _deepspeed_safe_globals() -> list:
     """The non-tensor classes DeepSpeed pickles into its checkpoints (plain state holders, no custom unpickling)."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address  # ZeRO-1/2 partition offsets (a dataclass)
 
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler]
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
 @contextlib.contextmanager
@@ -256,15 +257,21 @@ def convert_to_universal(ckpt: Path, out: Path) -> None:
 def universal_copy(ckpt: Path, rank: int) -> Path:
     """`ckpt/universal`, converted by rank 0 the first time it is needed (atomically, like a save); all ranks wait."""
     out = ckpt / UNIVERSAL
+    error = None
     if rank == 0 and validate(out) is not None:
         tmp = ckpt / (UNIVERSAL + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(out, ignore_errors=True)
-        log.info("converting %s to DeepSpeed's universal checkpoint format (once; kept in %s)", ckpt, out)
-        convert_to_universal(ckpt, tmp)
-        _write_manifest(tmp)
-        os.replace(tmp, out)
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)
+            log.info("converting %s to DeepSpeed's universal checkpoint format (once; kept in %s)", ckpt, out)
+            convert_to_universal(ckpt, tmp)
+            _write_manifest(tmp)
+            os.replace(tmp, out)
+        except Exception as e:  # raised after the barrier, so the other ranks do not wait forever
+            error = e
     _barrier()
+    if error is not None:
+        raise RuntimeError(f"could not convert checkpoint {ckpt} to DeepSpeed's universal format: {error}") from error
     problem = validate(out)
     if problem:
         raise RuntimeError(f"universal copy {out} of checkpoint {ckpt} is not usable: {problem}")
@@ -298,9 +305,24 @@ def remove_unfinished(root: Path) -> None:
     if not root.is_dir():
         return
     for p in root.iterdir():
-        if p.name.endswith(".tmp") and p.name.startswith("step_"):
+        if p.name.endswith(".tmp") and p.name.startswith("step_") and p.is_dir():
             log.warning("deleting %s, left by a save that did not finish", p)
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def retire_newer(root: Path, step: int) -> None:
+    """Move checkpoints of steps after `step` out of the way (to `superseded_step_X`), keeping them for inspection.
+
+    A run saving step s after checkpoints of later steps was resumed from an older one (rolled back, say past a
+    loss spike); left in place, those later checkpoints would be what trainer.resume=auto picks after a crash.
+    """
+    for ckpt in list_checkpoints(root):
+        if int(TAG_RE.match(ckpt.name).group(1)) > step:
+            dest = root / f"superseded_{ckpt.name}"
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(ckpt, dest)
+            log.warning("moved checkpoint %s to %s: this run went back to an earlier step and continues from "
+                        "there (delete it when no longer needed)", ckpt, dest.name)
 
 
 def save(engine, root: Path, step: int, trainer_state: dict, loader_state: dict, keep_last: int,
@@ -331,6 +353,7 @@ def save(engine, root: Path, step: int, trainer_state: dict, loader_state: dict,
         else:
             os.replace(tmp, final)
         _write_atomic(root / "latest", tag)
+        retire_newer(root, step)
         prune(root, keep_last)
         log.info("saved checkpoint %s", final)
     _barrier()

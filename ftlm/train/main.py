@@ -62,6 +62,8 @@ class StopSignal:
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
         self.requested = True
         log.warning("received %s: saving a checkpoint after this step, then exiting", signal.Signals(signum).name)
 

@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 
+from ftlm.train.schedule import lr_multiplier
 from launch_util import (FAST, hooked_deepspeed_cmd, hooked_python_cmd, newest_scalars, python_cmd, run, run_status,
                          scalars, start)
 
@@ -83,7 +84,7 @@ def assert_same_universal(a, b):
 
 
 def no_decay_weight_decay(ckpt_dir):
-    """weight_decay of the `no_decay` param group (norms, embeddings) as saved in a DeepSpeed ZeRO-3 checkpoint."""
+    """weight_decay of each param group (`no_decay`: norms, embeddings) as saved in a DeepSpeed ZeRO-3 checkpoint."""
     from ftlm.train.checkpoint import weights_only_loading
     with weights_only_loading():
         sd = torch.load(ckpt_dir / SHARD.format("optim"))
@@ -139,8 +140,8 @@ def test_resume_on_two_ranks_from_one_and_back(ftlm_cache, straight, stopped, tm
     convert_to_universal(after_two / "after_load", tmp_path / "after_two_universal")
     assert_same_universal(universal, tmp_path / "after_two_universal")
     # DeepSpeed's universal load copies the first param group's settings into all; ours keeps no decay on norms.
-    assert no_decay_weight_decay(after_two / "after_load")["no_decay"] == 0.0
-    assert no_decay_weight_decay(step4)["no_decay"] == 0.0
+    assert no_decay_weight_decay(after_two / "after_load") == no_decay_weight_decay(step4) == \
+        {"decay": 0.1, "no_decay": 0.0}
 
     # Training went on from there (the loss keeps falling from where the 1-rank run left it, no restart).
     losses = newest_scalars(two)["train/loss"]
@@ -216,9 +217,13 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(ftlm_cache, tmp_path):
     ckpt = run_dir / "checkpoints" / f"step_{stopped_at:08d}"
     assert (ckpt / "manifest.json").is_file()
 
-    proc = run(python_cmd(COMMON + train(run_dir, f"trainer.max_steps={stopped_at + 2}")), ftlm_cache)
+    # Resumed with another peak rate: the new schedule applies from the first step (not the saved rate).
+    proc = run(python_cmd(COMMON + train(run_dir, f"trainer.max_steps={stopped_at + 2}", "trainer.lr=1e-3")),
+               ftlm_cache)
     assert f"resumed from {ckpt} at step {stopped_at}" in proc.stdout
-    assert sorted(newest_scalars(run_dir)["train/loss"]) == [stopped_at + 1, stopped_at + 2]
+    resumed = newest_scalars(run_dir)
+    assert sorted(resumed["train/loss"]) == [stopped_at + 1, stopped_at + 2]
+    assert resumed["train/lr"][stopped_at + 1] == pytest.approx(1e-3 * lr_multiplier(stopped_at, 2, 6, 0.1))
 
 
 # -- 5. bad input --------------------------------------------------------------------------------------------------
@@ -258,3 +263,37 @@ def test_checkpoint_and_tokenizer_disagreeing_is_refused(stopped, tmp_path):
     (legacy / "trainer_state.json").write_text(json.dumps(state))
     with pytest.raises(ValueError, match=r"has model.vocab_size=\d+, smaller than this run's tokenizer \(9999 tokens\)"):
         check_compatible(legacy, model_cfg, 9999)
+
+
+# -- bookkeeping on fake checkpoints (no training) ----------------------------------------------------------------
+def fake_checkpoint(root, step, complete=True):
+    from ftlm.train.checkpoint import _write_manifest, tag_for
+    ckpt = root / tag_for(step)
+    ckpt.mkdir(parents=True)
+    (ckpt / "shard.pt").write_bytes(b"x" * (100 + step))
+    if complete:
+        _write_manifest(ckpt, step=step)
+    return ckpt
+
+
+def test_pruning_leftovers_and_a_rolled_back_run(tmp_path):
+    from ftlm.train.checkpoint import find_latest, prune, remove_unfinished, retire_newer
+    root = tmp_path / "checkpoints"
+    for step in (10, 20, 30, 40):
+        fake_checkpoint(root, step)
+    broken = fake_checkpoint(root, 50, complete=False)
+    (root / "step_00000060.tmp").mkdir()
+    assert find_latest(root) == root / "step_00000040"  # 50 has no manifest; the .tmp is never a candidate
+
+    prune(root, keep_last=2)  # complete ones beyond the newest two go; the broken one is left for inspection
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000030", "step_00000040", "step_00000050",
+                                                      "step_00000060.tmp"]
+    remove_unfinished(root)
+    assert not (root / "step_00000060.tmp").exists() and broken.is_dir()
+
+    # Rolled back to step 30 and saved step 35: the later 40 and 50 must not be what resume=auto picks next.
+    fake_checkpoint(root, 35)
+    retire_newer(root, 35)
+    assert find_latest(root) == root / "step_00000035"
+    assert (root / "superseded_step_00000040" / "shard.pt").is_file()
+    assert (root / "superseded_step_00000050").is_dir()
