@@ -9,6 +9,18 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The test models are tiny: one thread is fastest for them, and spares the cores that the
+    subprocesses of the training tests share."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_run_dir(tmp_path_factory) -> Path:
     """A run directory as ftlm-train leaves it (config.yaml, tokenizer.json, checkpoints/step_00000002 with
