@@ -147,7 +147,7 @@ def train(cfg) -> dict:
 
     from ftlm.plan import flops_per_token, peak_flops_per_device
     metrics = Metrics(run_dir, bool(t.tensorboard), d.is_main, d.world_size, global_seqs * seq_len,
-                      flops_per_token(model_cfg, seq_len), peak_flops_per_device(d.device, precision))
+                      flops_per_token(model_cfg, seq_len), peak_flops_per_device(d.device, precision), start_step=step)
     timer = StepTimer(d.device)
     stop = StopSignal()
     batches = iter(train_loader)

@@ -57,11 +57,12 @@ class Metrics:
     """TensorBoard on rank 0 plus a per-interval throughput meter."""
 
     def __init__(self, run_dir: Path, enabled: bool, is_main: bool, world_size: int, tokens_per_step: int,
-                 flops_per_token: float | None = None, peak_flops: float | None = None):
+                 flops_per_token: float | None = None, peak_flops: float | None = None, start_step: int = 0):
         self.writer = None
         if enabled and is_main:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            # On resume, drop what a crashed run logged after its last checkpoint: those steps are redone.
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
         self.world_size = world_size
         self.tokens_per_step = tokens_per_step
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from ftlm.train.schedule import lr_multiplier
-from launch_util import (FAST, hooked_deepspeed_cmd, hooked_python_cmd, newest_scalars, python_cmd, run, run_status,
-                         scalars, start)
+from launch_util import (FAST, deepspeed_cmd, hooked_deepspeed_cmd, hooked_python_cmd, newest_scalars, python_cmd,
+                         run, run_status, scalars, start)
 
 pytestmark = pytest.mark.slow
 
@@ -113,12 +113,12 @@ def test_stop_and_resume_matches_a_straight_run_bitwise(ftlm_cache, straight, st
 
 
 # -- 2. another number of ranks ------------------------------------------------------------------------------------
-def test_resume_on_two_ranks_from_one_and_back(ftlm_cache, straight, stopped, tmp_path):
+def test_resume_on_two_ranks_from_one_exactly_on_two_and_back_to_one(ftlm_cache, straight, stopped, tmp_path):
     one = copy_run(stopped, tmp_path / "one")
     step4 = one / "checkpoints" / "step_00000004"
     two, after_two = tmp_path / "two", tmp_path / "after_two"
     proc = run_status(hooked_deepspeed_cmd(2, COMMON + train(two, f"trainer.resume={step4}", f"trainer.max_steps={N}",
-                                                             "trainer.save_interval=100")),
+                                                             "trainer.save_interval=2")),
                       ftlm_cache, {"FTLM_TEST_SAVE_AFTER_LOAD": str(after_two)})
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     log = (two / "train.log").read_text()
@@ -147,6 +147,16 @@ def test_resume_on_two_ranks_from_one_and_back(ftlm_cache, straight, stopped, tm
     losses = newest_scalars(two)["train/loss"]
     assert sorted(losses) == list(range(K + 1, N + 1))
     assert all(v < scalars(straight)["train/loss"][1] for v in losses.values())
+
+    # Same world size through the launcher: resumed from the 2-rank step 6, steps 7-8 are bitwise the same.
+    again = copy_run(two, tmp_path / "again")
+    shutil.rmtree(again / "checkpoints" / "step_00000008")
+    run(deepspeed_cmd(2, COMMON + train(again, f"trainer.max_steps={N}", "trainer.save_interval=100")),
+        ftlm_cache)
+    assert f"resumed from {again / 'checkpoints' / 'step_00000006'} at step 6" in (again / "train.log").read_text()
+    resumed, first = newest_scalars(again), newest_scalars(two)
+    for tag in ("train/loss", "train/grad_norm", "train/lr"):
+        assert resumed[tag] == {s: first[tag][s] for s in (7, 8)}, tag
 
     # Back: the 2-rank checkpoint at step 8 resumed on one rank.
     step8 = two / "checkpoints" / "step_00000008"
