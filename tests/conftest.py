@@ -9,6 +9,31 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _import_triton_for_the_interpreter():
+    """Triton decides when it is first imported whether its own library (tl.sum, tl.max, ...) runs under the
+    CPU interpreter. On a machine without a GPU the kernel tests need that, and any test module may be the
+    first to import triton (streaming and transformers can), so import it here under TRITON_INTERPRET=1.
+    The variable itself is set only around each kernel test (tests/kernels/conftest.py)."""
+    import torch
+
+    if torch.cuda.is_available() or "triton" in sys.modules:
+        return
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.language  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET")
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+_import_triton_for_the_interpreter()
+
+
 @pytest.fixture(autouse=True)
 def one_torch_thread():
     """The test models are tiny: one thread is fastest for them, and spares the cores that the
