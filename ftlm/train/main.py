@@ -86,6 +86,10 @@ def train(cfg) -> dict:
 
     t = cfg.trainer
     check_trainer_config(t)
+    # Every model key is checked now, before any data work: only the vocabulary waits for the tokenizer.
+    early = model_config(cfg.model, tokenizer_vocab=1)
+    if int(t.seq_len) > early.max_seq_len:
+        raise ValueError(f"trainer.seq_len={t.seq_len} is longer than model.max_seq_len={early.max_seq_len}")
     run_dir = Path(str(t.out_dir)).expanduser()
     d = init_distributed(str(t.device))
     setup_logging(run_dir, d.rank)
@@ -99,8 +103,6 @@ def train(cfg) -> dict:
         prepared = prepare(cfg.data)  # finds rank 0's finished preparation and returns at once
     tokenizer = Tokenizer.load(prepared.tokenizer_path)
     model_cfg = model_config(cfg.model, tokenizer.vocab_size)
-    if int(t.seq_len) > model_cfg.max_seq_len:
-        raise ValueError(f"trainer.seq_len={t.seq_len} is longer than model.max_seq_len={model_cfg.max_seq_len}")
 
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

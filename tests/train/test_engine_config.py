@@ -83,3 +83,17 @@ def test_trainer_config_errors_name_the_key(key, value):
     cfg = compose([f"trainer.{key}={value}"])
     with pytest.raises(ValueError, match=f"trainer.{key}"):
         check_trainer_config(cfg.trainer)
+
+
+@pytest.mark.parametrize("override,key", [("model.d_model=102", "model.d_model"), ("model.n_kv_heads=3", "model.n_kv_heads"),
+                                          ("model.attn_impl=fast", "model.attn_impl"), ("trainer.seq_len=4096", "trainer.seq_len")])
+def test_train_refuses_a_bad_config_before_any_work(override, key, tmp_path, monkeypatch):
+    """The trainer fails on the config before preparing data, starting processes or allocating the model."""
+    from ftlm.train import main as train_main
+
+    def must_not_run(*a, **k):
+        raise AssertionError("work started before the config was checked")
+    monkeypatch.setattr(train_main, "init_distributed", must_not_run)
+    cfg = compose([override, f"trainer.out_dir={tmp_path}"])
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        train_main.train(cfg)
