@@ -22,7 +22,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
-	$(PIP) install -q torch pybind11 ninja
+	$(PIP) install -q torch numpy pybind11 ninja
 	$(PIP) install -q --no-build-isolation -e ".[dev]"
 	@$(PY) -c "import ftlm.kernels.ext as e; print('ftlm._C extension:', 'built' if e.has_extension() else 'missing (PyTorch fallback)')"
 	@touch $@
