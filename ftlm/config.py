@@ -6,7 +6,8 @@ import os
 import sys
 from pathlib import Path
 
-# A source checkout (and an editable install) reads conf/ at the project root; a wheel ships it as ftlm/conf.
+# A source checkout (and an editable install) reads conf/ at the project root; a wheel ships it as ftlm/conf
+# (in a checkout, ftlm/conf is a link to conf/).
 _ROOT_CONF = Path(__file__).resolve().parent.parent / "conf"
 CONF_DIR = Path(os.environ.get("FTLM_CONF_DIR") or (_ROOT_CONF if _ROOT_CONF.is_dir() else Path(__file__).parent / "conf"))
 
