@@ -127,3 +127,17 @@ def test_vocab_smaller_than_tokenizer_is_refused():
     with pytest.raises(ValueError, match="model.vocab_size"):
         model_config(cfg, tokenizer_vocab=4000)
     assert model_config(compose(["model=tiny"]).model, tokenizer_vocab=4001).vocab_size == 4032
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = GPT(tiny(n_kv_heads=2, dropout=0.0))
+    idx = torch.randint(0, 97, (2, 21))
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        model.activation_checkpointing = checkpointing
+        model(idx, idx)[1].backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(plain, recomputed, rtol=1e-5, atol=1e-6)
