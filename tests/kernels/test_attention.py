@@ -1,9 +1,5 @@
 """flash_attention against a float64 reference: forward and all gradients, awkward shapes, GQA, causal."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -113,13 +109,3 @@ def test_bad_shapes_are_rejected(device):
         kernels.flash_attention(q, kv, kv)
     with pytest.raises(ValueError, match="same shape"):
         kernels.flash_attention(q, kv, kv[..., :16])
-
-
-def test_kernels_compile_for_hopper():
-    """The interpreter accepts code the compiler rejects: compile every kernel for sm_90 (no GPU needed)."""
-    script = Path(__file__).with_name("compile_for_hopper.py")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[2]), env.get("PYTHONPATH", "")])
-    result = subprocess.run([sys.executable, str(script), "attention"], env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
