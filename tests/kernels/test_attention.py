@@ -1,6 +1,4 @@
 """flash_attention against a float64 reference: forward and all gradients, awkward shapes, GQA, causal."""
-
-
 import pytest
 import torch
 
