@@ -167,6 +167,7 @@ def train(cfg) -> dict:
     log.info("training from step %d to %d; logs, checkpoints and TensorBoard in %s", step, t.max_steps, run_dir)
     while step < int(t.max_steps):
         lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
+        timer.measure_next((step + 1) % int(t.log_interval) == 0 or step + 1 == int(t.max_steps))
         for _ in range(accum):
             with timer.phase("data_wait"):
                 batch = next(batches).to(d.device, non_blocking=True)
@@ -189,7 +190,7 @@ def train(cfg) -> dict:
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
             values = {"train/loss": mean_loss, "train/lr": lr, "train/grad_norm": grad_norm,
                       "train/tokens_seen": tokens_seen, **metrics.throughput(), **memory_stats(d.device)}
-            values.update({f"time/{k}_s": v / int(t.log_interval) for k, v in timer.pop().items()})
+            values.update({f"time/{k}_s": v for k, v in timer.pop().items()})  # of this step alone
             metrics.scalars(values, step)
             history["loss"][step] = mean_loss
             elapsed = time.perf_counter() - start_time

@@ -34,14 +34,25 @@ def setup_logging(run_dir: Path | None, rank: int) -> None:
 
 
 class StepTimer:
-    """Wall time per phase of a step (data wait, forward, backward, optimizer), synchronised on GPU."""
+    """Wall time per phase of a step (data wait, forward, backward, optimizer).
+
+    On a GPU each phase must be synchronised to be measured, which stalls the launch queue; so only the steps
+    marked with `measure_next(True)` (the one before each log line) are timed, and the others run untouched.
+    """
 
     def __init__(self, device: torch.device):
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         self.totals = defaultdict(float)
+        self.measuring = False
+
+    def measure_next(self, on: bool) -> None:
+        self.measuring = on
 
     @contextmanager
     def phase(self, name: str):
+        if not self.measuring:
+            yield
+            return
         self.sync()
         start = time.perf_counter()
         yield

@@ -16,14 +16,17 @@ def test_two_rank_zero3_run_through_deepspeed_launcher(ftlm_cache, tmp_path):
     assert "global batch: 4 sequences = 2 micro-batch x 1 accumulation x 2 ranks = 128 tokens per step" in log
 
     tb = scalars(run_dir)
-    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "val/loss",
-                "val/ko/loss", "val/en/loss", "val/ko/bpb", "val/en/bpb"):
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/tokens_per_sec_per_device",
+                "train/step_time_s", "time/data_wait_s", "time/forward_s", "time/backward_s", "time/optimizer_s",
+                "val/loss", "val/ko/loss", "val/en/loss", "val/ko/bpb", "val/en/bpb"):
         assert tag in tb, f"TensorBoard tag {tag} missing; have {sorted(tb)}"
     assert sorted(tb["train/loss"]) == [2, 4, 6, 8]
     assert sorted(tb["val/loss"]) == [4, 8]
     lr = tb["train/lr"]  # the rate each logged step was taken with: warmup to 3e-3 by step 2, then cosine decay
     assert lr[2] == pytest.approx(3e-3) and lr[2] > lr[4] > lr[6] > lr[8] >= 3e-4 * 0.999
     assert all(0 < v < 20 for v in tb["train/loss"].values())
+    step_parts = sum(tb[f"time/{p}_s"][8] for p in ("data_wait", "forward", "backward", "optimizer"))
+    assert 0 < step_parts < 10 * tb["train/step_time_s"][8]  # the one measured step is an ordinary step
 
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir())
     assert ckpts == ["step_00000008"]  # keep_last=1 deleted step 4 once step 8 was complete
