@@ -130,7 +130,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        is_matrix = p.dim() >= 2 or getattr(p, "ds_shape", None) is not None and len(p.ds_shape) >= 2
+        is_matrix = len(getattr(p, "ds_shape", p.shape)) >= 2  # ZeRO-3 keeps the full shape in ds_shape
         (decay if is_matrix and "embed" not in name else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
             {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]

@@ -164,10 +164,16 @@ def train(cfg) -> dict:
                          "tokenizer_sha256": tokenizer_sha256, "config": OmegaConf.to_container(cfg, resolve=True)},
                         train_loader.state_dict(), int(t.keep_last), d.rank)
 
-    log.info("training from step %d to %d; logs, checkpoints and TensorBoard in %s", step, t.max_steps, run_dir)
-    while step < int(t.max_steps):
+    max_steps = int(t.max_steps)
+
+    def due(at_step: int, every) -> bool:
+        """Whether a periodic task runs after `at_step`: every `every` steps and after the last (0 turns it off)."""
+        return int(every) > 0 and (at_step % int(every) == 0 or at_step == max_steps)
+
+    log.info("training from step %d to %d; logs, checkpoints and TensorBoard in %s", step, max_steps, run_dir)
+    while step < max_steps:
         lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
-        timer.measure_next((step + 1) % int(t.log_interval) == 0 or step + 1 == int(t.max_steps))
+        timer.measure_next(due(step + 1, t.log_interval))
         for _ in range(accum):
             with timer.phase("data_wait"):
                 batch = next(batches).to(d.device, non_blocking=True)
@@ -182,7 +188,7 @@ def train(cfg) -> dict:
         tokens_seen += global_seqs * seq_len
         metrics.tick()
 
-        if step % int(t.log_interval) == 0 or step == int(t.max_steps):
+        if due(step, t.log_interval):
             dist.all_reduce(window_loss)
             mean_loss = (window_loss[0] / window_loss[1]).item()
             window_loss.zero_()
@@ -194,13 +200,13 @@ def train(cfg) -> dict:
             metrics.scalars(values, step)
             history["loss"][step] = mean_loss
             elapsed = time.perf_counter() - start_time
-            eta = elapsed / max(1, step - start_step) * (int(t.max_steps) - step)
+            eta = elapsed / max(1, step - start_step) * (max_steps - step)
             mfu = f" | MFU {values['train/mfu']:.1%}" if "train/mfu" in values else ""
             log.info("step %d/%d (%.0f%%) | loss %.4f | lr %.2e | grad norm %.3f | %s tokens/s%s | ETA %s",
-                     step, t.max_steps, 100 * step / int(t.max_steps), mean_loss, lr, grad_norm,
+                     step, max_steps, 100 * step / max_steps, mean_loss, lr, grad_norm,
                      f"{values['train/tokens_per_sec']:,.0f}", mfu, _duration(eta))
 
-        if int(t.eval_interval) > 0 and (step % int(t.eval_interval) == 0 or step == int(t.max_steps)):
+        if due(step, t.eval_interval):
             from ftlm.eval.loss import evaluate
             val = evaluate(engine.module, val_loaders, d.device, token_bytes)
             metrics.scalars(val, step)
@@ -208,12 +214,12 @@ def train(cfg) -> dict:
             log.info("validation at step %d: %s", step,
                      ", ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in sorted(val.items())))
 
-        if int(t.sample_interval) > 0 and step % int(t.sample_interval) == 0:
+        if due(step, t.sample_interval) and step < max_steps:  # the last step's samples come below
             for prompt, text in samples(engine.module, tokenizer, t).items():
                 metrics.text(f"samples/{prompt}", text, step)
 
         stopping = stop.any_rank(d.device)
-        if step % int(t.save_interval) == 0 or step == int(t.max_steps) or stopping:
+        if due(step, t.save_interval) or step == max_steps or stopping:  # a final checkpoint always
             save()
         if stopping:
             log.warning("stopped at step %d after a signal; resume with trainer.resume=auto", step)
