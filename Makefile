@@ -8,11 +8,12 @@ DEMO_DIR ?= $(HOME)/.cache/ftlm/runs/demo
 # On a machine without a GPU, tests and the demo stay on the CPU.
 export PYTHONUNBUFFERED=1
 
-.PHONY: install demo test test-fast bench clean help
+.PHONY: install demo test test-fast lint bench clean help
 
 help:
 	@echo "make demo   prepare the embedded Korean-English corpus and pretrain the tiny model (CPU when no GPU)"
-	@echo "make test   run the test suite (CPU)"
+	@echo "make test   lint, then run the test suite (CPU)"
+	@echo "make lint   ruff check and ruff format --check"
 	@echo "make bench  run the kernel, data and training-step benchmarks (GPU for the kernel and step tables)"
 	@echo "make install  create .venv and install ftlm with its dependencies and its C++/CUDA extension"
 
@@ -31,7 +32,11 @@ demo: install
 	rm -rf $(DEMO_DIR)
 	$(VENV)/bin/ftlm-train model=tiny data=embedded trainer=demo trainer.out_dir=$(DEMO_DIR)
 
-test: install
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: install lint
 	$(PY) -m pytest -q tests
 
 test-fast: install

@@ -12,6 +12,7 @@ MAX_JOBS caps parallel compile jobs (default: every core).
 If torch is not importable (for example under build isolation without torch), no extension is built and
 ftlm falls back to its PyTorch implementations with a warning at run time.
 """
+
 import glob
 import os
 import re
@@ -39,16 +40,18 @@ def find_cuda_home():
         candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
     candidates.append("/usr/local/cuda")
     for home in candidates:
-        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")) and \
-                os.path.exists(os.path.join(home, "bin", "nvcc")):
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")) and os.path.exists(
+            os.path.join(home, "bin", "nvcc")
+        ):
             return home
     return None
 
 
 def nvcc_version(cuda_home):
     try:
-        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True,
-                             timeout=60).stdout
+        out = subprocess.run(
+            [os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True, timeout=60
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return None
     match = re.search(r"release (\d+)\.(\d+)", out)
@@ -103,8 +106,10 @@ def extensions():
     try:
         import torch
     except ImportError:
-        say("torch is not importable: ftlm._C is not built; ftlm will use its PyTorch fallbacks. "
-            "Install torch first and build with: pip install --no-build-isolation -e .")
+        say(
+            "torch is not importable: ftlm._C is not built; ftlm will use its PyTorch fallbacks. "
+            "Install torch first and build with: pip install --no-build-isolation -e ."
+        )
         return [], {}
     with_cuda = want_cuda(torch)
     os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
@@ -118,11 +123,17 @@ def extensions():
     else:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
-        say(f"building the C++ and CUDA kernels (CUDA_HOME={os.environ['CUDA_HOME']}, "
-            f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'detected from the GPU')})")
+        say(
+            f"building the C++ and CUDA kernels (CUDA_HOME={os.environ['CUDA_HOME']}, "
+            f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'detected from the GPU')})"
+        )
         sources += sorted(glob.glob(os.path.join("csrc", "*.cu")))
-        ext = CUDAExtension("ftlm._C", sources, define_macros=[("FTLM_WITH_CUDA", None)],
-                            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]})
+        ext = CUDAExtension(
+            "ftlm._C",
+            sources,
+            define_macros=[("FTLM_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+        )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 

@@ -11,6 +11,7 @@ main process; then tokenization in workers -> MDS shards) with a 32k-token token
 The loader row is `build_train_loader` packing 2048-token rows from those shards in the main process; the target
 is 10x what gpt_1_3b consumes on one H100 (about 30,000 tokens/s), i.e. 300,000 tokens/s.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,9 +33,12 @@ LOADER_TARGET = 300_000
 
 def synthetic_corpus(out: Path, megabytes: float, seed: int = 0) -> dict[str, Path]:
     from ftlm.data import corpus
+
     rng = random.Random(seed)
-    pools = {"ko": [p for d in corpus.korean_documents() for p in d["text"].split("\n") if len(p) > 40],
-             "en": [p for d in corpus.english_documents() for p in d["text"].split("\n\n") if len(p) > 80]}
+    pools = {
+        "ko": [p for d in corpus.korean_documents() for p in d["text"].split("\n") if len(p) > 40],
+        "en": [p for d in corpus.english_documents() for p in d["text"].split("\n\n") if len(p) > 80],
+    }
     share = {"ko": 0.5, "en": 0.5}
     paths = {}
     for stream, paragraphs in pools.items():
@@ -53,9 +57,14 @@ def synthetic_corpus(out: Path, megabytes: float, seed: int = 0) -> dict[str, Pa
 
 def config(out_dir: Path, sources: dict[str, Path], workers: int, vocab: int) -> dict:
     from omegaconf import OmegaConf
+
     cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "data" / "custom.yaml"), resolve=False)
-    cfg.update(out_dir=str(out_dir), cache_dir=str(out_dir / "cache"), num_workers=workers,
-               sources={s: [str(p)] for s, p in sources.items()})
+    cfg.update(
+        out_dir=str(out_dir),
+        cache_dir=str(out_dir / "cache"),
+        num_workers=workers,
+        sources={s: [str(p)] for s, p in sources.items()},
+    )
     cfg["clean"]["min_words"] = 10
     cfg["tokenizer"].update(vocab_size=vocab, sample_chars=2_000_000)
     return cfg
@@ -66,6 +75,7 @@ def run_stages(cfg: dict, tokenizer_path: str) -> dict:
     from ftlm.data.prepare import CleanConfig, DedupConfig, Workers, _clean_chunk, clean_stream, shard_stream
     from ftlm.data.sources import resolve_files
     from ftlm.data.tokenizer import Tokenizer
+
     streams = check_data_config(cfg)
     out = Path(cfg["out_dir"])
     shutil.rmtree(out / "shards", ignore_errors=True)
@@ -84,7 +94,9 @@ def run_stages(cfg: dict, tokenizer_path: str) -> dict:
             stats = clean_stream(stream, resolve_files(stream, cfg["sources"][stream]), cfg, workers, clean_path)
             result["clean_s"] += time.perf_counter() - t
             t = time.perf_counter()
-            sharded = shard_stream(stream, clean_path, cfg, workers, tokenizer, tokenizer_path, str(out), stats["docs_out"])
+            sharded = shard_stream(
+                stream, clean_path, cfg, workers, tokenizer, tokenizer_path, str(out), stats["docs_out"]
+            )
             result["tokenize_s"] += time.perf_counter() - t
             result["docs"] += stats["docs_in"]
             result["bytes"] += stats["bytes_in"]
@@ -96,6 +108,7 @@ def run_stages(cfg: dict, tokenizer_path: str) -> dict:
 
 def loader_throughput(cfg: dict, seq_len: int, micro_batch: int, batches: int) -> float:
     from ftlm.data.stream import build_train_loader
+
     loader = build_train_loader(cfg, seq_len, micro_batch, 0, 1, seed=0)
     next(loader)
     started = time.perf_counter()
@@ -116,8 +129,10 @@ def main() -> None:
     counts = [int(w) for w in args.workers.split(",")] if args.workers else list(range(1, (os.cpu_count() or 1) + 1))
 
     import logging
+
     logging.basicConfig(level=logging.WARNING)
     from ftlm.data.prepare import prepare
+
     work = Path(tempfile.mkdtemp(prefix="ftlm-bench-data-"))
     try:
         (work / "raw").mkdir()
@@ -132,21 +147,29 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     mb = rows[0]["bytes"] / 1e6
-    print(f"\ndata pipeline on {os.cpu_count()} CPU core(s): {rows[0]['docs']:,} documents, {mb:.1f} MB, "
-          f"{rows[0]['tokens']:,} tokens (vocab {args.vocab}); full prepare with {counts[0]} worker(s): {full_s:.1f}s")
-    header = f"{'workers':>7} {'clean+dedup docs/s':>19} {'MB/s':>7} {'MB/s/worker':>11} {'tokenize docs/s':>16} " \
-             f"{'MB/s':>7} {'MB/s/worker':>11} {'speed-up':>8} {'start-up s':>10}"
+    print(
+        f"\ndata pipeline on {os.cpu_count()} CPU core(s): {rows[0]['docs']:,} documents, {mb:.1f} MB, "
+        f"{rows[0]['tokens']:,} tokens (vocab {args.vocab}); full prepare with {counts[0]} worker(s): {full_s:.1f}s"
+    )
+    header = (
+        f"{'workers':>7} {'clean+dedup docs/s':>19} {'MB/s':>7} {'MB/s/worker':>11} {'tokenize docs/s':>16} "
+        f"{'MB/s':>7} {'MB/s/worker':>11} {'speed-up':>8} {'start-up s':>10}"
+    )
     print(header)
     print("-" * len(header))
     base_total = rows[0]["clean_s"] + rows[0]["tokenize_s"]
     for r in rows:
         c_mbs, t_mbs = r["bytes"] / 1e6 / r["clean_s"], r["bytes"] / 1e6 / r["tokenize_s"]
-        print(f"{r['workers']:>7} {r['docs'] / r['clean_s']:>19,.0f} {c_mbs:>7.2f} {c_mbs / r['workers']:>11.2f} "
-              f"{r['docs'] / r['tokenize_s']:>16,.0f} {t_mbs:>7.2f} {t_mbs / r['workers']:>11.2f} "
-              f"{base_total / (r['clean_s'] + r['tokenize_s']):>8.2f} {r['startup_s']:>10.2f}")
+        print(
+            f"{r['workers']:>7} {r['docs'] / r['clean_s']:>19,.0f} {c_mbs:>7.2f} {c_mbs / r['workers']:>11.2f} "
+            f"{r['docs'] / r['tokenize_s']:>16,.0f} {t_mbs:>7.2f} {t_mbs / r['workers']:>11.2f} "
+            f"{base_total / (r['clean_s'] + r['tokenize_s']):>8.2f} {r['startup_s']:>10.2f}"
+        )
     verdict = "OK" if loader_tps >= LOADER_TARGET else "BELOW TARGET"
-    print(f"\nstreaming loader (seq 2048, micro-batch 8, one rank, main process): {loader_tps:,.0f} tokens/s "
-          f"vs target {LOADER_TARGET:,} ({loader_tps / LOADER_TARGET:.1f}x) {verdict}")
+    print(
+        f"\nstreaming loader (seq 2048, micro-batch 8, one rank, main process): {loader_tps:,.0f} tokens/s "
+        f"vs target {LOADER_TARGET:,} ({loader_tps / LOADER_TARGET:.1f}x) {verdict}"
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Method: the two ceilings are measured first (a large bf16 matmul, a large device
 is checked against a reference on the GPU before it is timed; times are triton.testing.do_bench medians.
 FLOP counts follow FlashAttention's convention: forward 4*B*H*T*S*D (halved when causal), backward 2.5x forward.
 """
+
 import argparse
 import datetime
 import math
@@ -28,6 +29,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def bench(fn, grad_to_none=None):
     """Median milliseconds of fn()."""
     import triton.testing
+
     return triton.testing.do_bench(fn, warmup=25, rep=200, grad_to_none=grad_to_none, return_mode="median")
 
 
@@ -53,6 +55,7 @@ def check(name, err, tol):
 
 # ------------------------------------------------------------------------------------------------ ceilings
 
+
 def ceilings(dtype):
     n = 8192
     a, b = torch.randn(n, n, device="cuda", dtype=dtype), torch.randn(n, n, device="cuda", dtype=dtype)
@@ -61,12 +64,19 @@ def ceilings(dtype):
     dst = torch.empty_like(src)
     copy_gbs = 2 * src.numel() * 4 / bench(lambda: dst.copy_(src)) / 1e6
     del a, b, src, dst
-    table("Ceilings", ["what", "measured"], [[f"dense {dtype} matmul 8192^3", f"{matmul_tflops:.0f} TFLOP/s"],
-                                             ["device-to-device copy, 1 GiB (read + write)", f"{copy_gbs:.0f} GB/s"]])
+    table(
+        "Ceilings",
+        ["what", "measured"],
+        [
+            [f"dense {dtype} matmul 8192^3", f"{matmul_tflops:.0f} TFLOP/s"],
+            ["device-to-device copy, 1 GiB (read + write)", f"{copy_gbs:.0f} GB/s"],
+        ],
+    )
     return matmul_tflops, copy_gbs
 
 
 # ----------------------------------------------------------------------------------------------- attention
+
 
 def sdpa_backend(backend):
     from torch.nn.attention import sdpa_kernel
@@ -74,6 +84,7 @@ def sdpa_backend(backend):
     def run(q, k, v):
         with sdpa_kernel(backend):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+
     return run
 
 
@@ -83,8 +94,13 @@ def eager(q, k, v):
 
 def attention_tables(dtype, matmul_tflops, seqs, head_dims, d_model=2048, tokens=16384):
     from torch.nn.attention import SDPBackend
-    impls = {"ftlm triton": kernels.flash_attention, "sdpa flash": sdpa_backend(SDPBackend.FLASH_ATTENTION),
-             "sdpa cudnn": sdpa_backend(SDPBackend.CUDNN_ATTENTION), "eager": eager}
+
+    impls = {
+        "ftlm triton": kernels.flash_attention,
+        "sdpa flash": sdpa_backend(SDPBackend.FLASH_ATTENTION),
+        "sdpa cudnn": sdpa_backend(SDPBackend.CUDNN_ATTENTION),
+        "eager": eager,
+    }
 
     # Correctness on the GPU first, against float32 math on upcast inputs.
     q, k, v = (torch.randn(2, h, 1000, 128, device="cuda", dtype=dtype, requires_grad=True) for h in (8, 2, 2))
@@ -94,8 +110,12 @@ def attention_tables(dtype, matmul_tflops, seqs, head_dims, d_model=2048, tokens
     qf, kf, vf = (x.detach().float().requires_grad_() for x in (q, k, v))
     ref = reference.flash_attention(qf, kf, vf)
     ref.backward(do.float())
-    for name, a, b in (("attention out", out, ref), ("attention dq", q.grad, qf.grad),
-                       ("attention dk", k.grad, kf.grad), ("attention dv", v.grad, vf.grad)):
+    for name, a, b in (
+        ("attention out", out, ref),
+        ("attention dq", q.grad, qf.grad),
+        ("attention dk", k.grad, kf.grad),
+        ("attention dv", v.grad, vf.grad),
+    ):
         check(name, rel_err(a, b), 2e-2 if dtype != torch.float32 else 2e-3)
 
     for d in head_dims:
@@ -104,7 +124,9 @@ def attention_tables(dtype, matmul_tflops, seqs, head_dims, d_model=2048, tokens
         for t in seqs:
             batch = max(1, tokens // t)
             fwd_flops = 4 * batch * heads * t * t * d / 2
-            q, k, v = (torch.randn(batch, heads, t, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+            q, k, v = (
+                torch.randn(batch, heads, t, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3)
+            )
             do = torch.randn_like(q)
             result = {}
             for name, fn in impls.items():
@@ -121,14 +143,25 @@ def attention_tables(dtype, matmul_tflops, seqs, head_dims, d_model=2048, tokens
             best_both = max((r[1] for r in sdpa), default=float("nan"))
             ours = result["ftlm triton"] or (float("nan"), float("nan"))
             cells = [f"{r[0]:.0f} / {r[1]:.0f}" if r else "n/a" for r in result.values()]
-            rows.append([t, f"{batch}x{heads}", *cells, f"{ours[0] / best_fwd:.2f}x / {ours[1] / best_both:.2f}x",
-                         f"{100 * ours[0] / matmul_tflops:.0f}%"])
+            rows.append(
+                [
+                    t,
+                    f"{batch}x{heads}",
+                    *cells,
+                    f"{ours[0] / best_fwd:.2f}x / {ours[1] / best_both:.2f}x",
+                    f"{100 * ours[0] / matmul_tflops:.0f}%",
+                ]
+            )
             del q, k, v, do
-        table(f"Attention, causal, {dtype}, head dim {d}: TFLOP/s forward / forward+backward",
-              ["seq", "batch x heads", *impls, "ours vs best SDPA", "ours fwd vs matmul peak"], rows)
+        table(
+            f"Attention, causal, {dtype}, head dim {d}: TFLOP/s forward / forward+backward",
+            ["seq", "batch x heads", *impls, "ours vs best SDPA", "ours fwd vs matmul peak"],
+            rows,
+        )
 
 
 # ------------------------------------------------------------------------------------------------- norms
+
 
 def unfused_layer_norm(x, w, b, eps=1e-5):
     mean = x.float().mean(-1, keepdim=True)
@@ -144,13 +177,17 @@ def norm_tables(dtype, copy_gbs, hiddens, rows_count=16384):
     size = torch.tensor([], dtype=dtype).element_size()
     for kind in ("layernorm", "rmsnorm"):
         if kind == "layernorm":
-            impls = {"ftlm triton": lambda x, w, b: kernels.layer_norm(x, w, b),
-                     "torch F.layer_norm": lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b),
-                     "unfused torch": unfused_layer_norm}
+            impls = {
+                "ftlm triton": lambda x, w, b: kernels.layer_norm(x, w, b),
+                "torch F.layer_norm": lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b),
+                "unfused torch": unfused_layer_norm,
+            }
         else:
-            impls = {"ftlm triton": lambda x, w, b: kernels.rms_norm(x, w),
-                     "torch F.rms_norm": lambda x, w, b: F.rms_norm(x, x.shape[-1:], w, 1e-6),
-                     "unfused torch": lambda x, w, b: unfused_rms_norm(x, w)}
+            impls = {
+                "ftlm triton": lambda x, w, b: kernels.rms_norm(x, w),
+                "torch F.rms_norm": lambda x, w, b: F.rms_norm(x, x.shape[-1:], w, 1e-6),
+                "unfused torch": lambda x, w, b: unfused_rms_norm(x, w),
+            }
         table_rows = []
         for n in hiddens:
             x = torch.randn(rows_count, n, device="cuda", dtype=dtype, requires_grad=True)
@@ -165,7 +202,7 @@ def norm_tables(dtype, copy_gbs, hiddens, rows_count=16384):
             want.backward(dy.float())
             for name, a, e in zip(("out", "dx", "dweight", "dbias"), got, [want, xf.grad, wf.grad, bf.grad]):
                 check(f"{kind} {name} hidden {n}", rel_err(a, e), 2e-2 if dtype != torch.float32 else 2e-3)
-            fwd_bytes = 2 * rows_count * n * size             # read x, write y
+            fwd_bytes = 2 * rows_count * n * size  # read x, write y
             both_bytes = fwd_bytes + 3 * rows_count * n * size  # + read x and dy, write dx
             cells, ms_both = [], {}
             for name, fn in impls.items():
@@ -174,23 +211,35 @@ def norm_tables(dtype, copy_gbs, hiddens, rows_count=16384):
                 ms_both[name] = both
                 cells.append(f"{fwd_bytes / fwd / 1e6:.0f} / {both_bytes / both / 1e6:.0f}")
             ours_fwd_gbs = float(cells[0].split(" / ")[0])
-            table_rows.append([n, *cells, f"{100 * ours_fwd_gbs / copy_gbs:.0f}%",
-                               f"{ms_both['unfused torch'] / ms_both['ftlm triton']:.1f}x"])
+            table_rows.append(
+                [
+                    n,
+                    *cells,
+                    f"{100 * ours_fwd_gbs / copy_gbs:.0f}%",
+                    f"{ms_both['unfused torch'] / ms_both['ftlm triton']:.1f}x",
+                ]
+            )
             del x, w, b, dy
-        table(f"{kind}, {rows_count} rows, {dtype}: GB/s forward / forward+backward",
-              ["hidden", *impls, "ours fwd vs copy", "fwd+bwd speed-up vs unfused"], table_rows)
+        table(
+            f"{kind}, {rows_count} rows, {dtype}: GB/s forward / forward+backward",
+            ["hidden", *impls, "ours fwd vs copy", "fwd+bwd speed-up vs unfused"],
+            table_rows,
+        )
 
 
 # ----------------------------------------------------------------------------------------- cross-entropy
+
 
 def cross_entropy_table(dtype, vocabs, rows_count=16384):
     if not (ext.has_extension() and ext.extension().has_cuda()):
         print("\nftlm._C has no CUDA kernels here: build it with FTLM_CUDA=1 to benchmark the cross-entropy")
         return
-    impls = {"ftlm (in-place backward)": lambda x, t: kernels.cross_entropy(x, t, inplace_backward=True),
-             "ftlm": lambda x, t: kernels.cross_entropy(x, t),
-             "F.cross_entropy": lambda x, t: F.cross_entropy(x, t),
-             "F.cross_entropy on .float()": lambda x, t: F.cross_entropy(x.float(), t)}
+    impls = {
+        "ftlm (in-place backward)": lambda x, t: kernels.cross_entropy(x, t, inplace_backward=True),
+        "ftlm": lambda x, t: kernels.cross_entropy(x, t),
+        "F.cross_entropy": lambda x, t: F.cross_entropy(x, t),
+        "F.cross_entropy on .float()": lambda x, t: F.cross_entropy(x.float(), t),
+    }
     rows = []
     for vocab in vocabs:
         logits = torch.randn(rows_count, vocab, device="cuda", dtype=dtype) * 3
@@ -220,11 +269,15 @@ def cross_entropy_table(dtype, vocabs, rows_count=16384):
             torch.cuda.empty_cache()
         rows.append([vocab, f"{buffer_mb:.0f} MiB", *cells])
         del logits
-    table(f"Cross-entropy, {rows_count} rows, {dtype}, forward+backward: time, peak extra memory in logits buffers",
-          ["vocab", "one logits buffer", *impls], rows)
+    table(
+        f"Cross-entropy, {rows_count} rows, {dtype}, forward+backward: time, peak extra memory in logits buffers",
+        ["vocab", "one logits buffer", *impls],
+        rows,
+    )
 
 
 # ------------------------------------------------------------------------------------------------- smoke
+
 
 def smoke():
     """A tiny correctness check of every op, on the GPU when there is one, else through Triton's interpreter."""
@@ -239,7 +292,9 @@ def smoke():
     check("attention forward", rel_err(out, reference.flash_attention(q.double(), *(t.double() for t in kv))), 2e-3)
     x = torch.randn(5, 300, device=device)
     w = torch.randn(300, device=device)
-    check("layer_norm", rel_err(kernels.layer_norm(x, w, None), reference.layer_norm(x.double(), w.double(), None)), 2e-3)
+    check(
+        "layer_norm", rel_err(kernels.layer_norm(x, w, None), reference.layer_norm(x.double(), w.double(), None)), 2e-3
+    )
     check("rms_norm", rel_err(kernels.rms_norm(x, w), reference.rms_norm(x.double(), w.double())), 2e-3)
     logits, targets = torch.randn(6, 1000, device=device), torch.randint(0, 1000, (6,), device=device)
     want = reference.cross_entropy(logits.double(), targets).item()
@@ -250,8 +305,12 @@ def smoke():
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny correctness check only (works on the CPU)")
-    parser.add_argument("--only", choices=["attention", "norms", "cross_entropy"], action="append",
-                        help="run only these tables (repeatable)")
+    parser.add_argument(
+        "--only",
+        choices=["attention", "norms", "cross_entropy"],
+        action="append",
+        help="run only these tables (repeatable)",
+    )
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     parser.add_argument("--seqs", default="1024,2048,4096,8192,16384", help="attention sequence lengths")
     parser.add_argument("--head-dims", default="64,128", help="attention head dims")
@@ -262,17 +321,22 @@ def main():
         smoke()
         return
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py measures GPU kernels and no CUDA GPU is visible here; nothing was measured. "
-              "Run `python benchmarks/kernels.py --smoke` for a CPU correctness check.")
+        print(
+            "benchmarks/kernels.py measures GPU kernels and no CUDA GPU is visible here; nothing was measured. "
+            "Run `python benchmarks/kernels.py --smoke` for a CPU correctness check."
+        )
         return
     dtype = DTYPES[args.dtype]
     only = set(args.only or ["attention", "norms", "cross_entropy"])
-    print(f"# ftlm kernels on {torch.cuda.get_device_name()} ({datetime.date.today().isoformat()}), "
-          f"torch {torch.__version__}, CUDA {torch.version.cuda}, dtype {dtype}")
+    print(
+        f"# ftlm kernels on {torch.cuda.get_device_name()} ({datetime.date.today().isoformat()}), "
+        f"torch {torch.__version__}, CUDA {torch.version.cuda}, dtype {dtype}"
+    )
     matmul_tflops, copy_gbs = ceilings(dtype if dtype != torch.float32 else torch.bfloat16)
     if "attention" in only:
-        attention_tables(dtype, matmul_tflops, [int(s) for s in args.seqs.split(",")],
-                         [int(d) for d in args.head_dims.split(",")])
+        attention_tables(
+            dtype, matmul_tflops, [int(s) for s in args.seqs.split(",")], [int(d) for d in args.head_dims.split(",")]
+        )
     if "norms" in only:
         norm_tables(dtype, copy_gbs, [int(n) for n in args.hiddens.split(",")])
     if "cross_entropy" in only:

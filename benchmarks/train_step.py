@@ -15,6 +15,7 @@ MFU = tokens/s x FLOPs per token (ftlm.plan: 6N + attention, PaLM convention) / 
 Every row runs in its own process, so one running out of memory cannot disturb the next: a row that runs out
 of memory is retried with half the micro-batch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,12 +37,14 @@ MAX_AUTO_MICRO_BATCH = 16
 def flash_attn_available() -> bool:
     try:
         import flash_attn  # noqa: F401
+
         return True
     except ImportError:
         return False
 
 
 # ---------------------------------------------------------------- one row, in a child process
+
 
 def model_config(name: str, attn_impl: str, vocab: int, seq_len: int, llama_shape: bool, smoke: bool):
     """ftlm's GPTConfig for a preset, as the trainer composes it from conf/."""
@@ -50,8 +53,12 @@ def model_config(name: str, attn_impl: str, vocab: int, seq_len: int, llama_shap
     from ftlm.config import compose
     from ftlm.model.gpt import GPTConfig
 
-    overrides = [f"model={name}", f"model.attn_impl={attn_impl}", f"model.vocab_size={vocab}",
-                 f"model.max_seq_len={max(seq_len, 16)}"]
+    overrides = [
+        f"model={name}",
+        f"model.attn_impl={attn_impl}",
+        f"model.vocab_size={vocab}",
+        f"model.max_seq_len={max(seq_len, 16)}",
+    ]
     if llama_shape:
         overrides += ["model.mlp=swiglu", "model.norm=rmsnorm"]
     if smoke:
@@ -66,11 +73,19 @@ def llama_model(gpt_cfg, ds_config, attn_implementation: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     d = gpt_cfg.d_model
-    config = LlamaConfig(vocab_size=gpt_cfg.vocab_size, hidden_size=d, num_hidden_layers=gpt_cfg.n_layer,
-                         num_attention_heads=gpt_cfg.n_head, num_key_value_heads=gpt_cfg.n_kv_heads,
-                         intermediate_size=256 * -(-8 * d // (3 * 256)), max_position_embeddings=gpt_cfg.max_seq_len,
-                         tie_word_embeddings=gpt_cfg.tie_embeddings, rms_norm_eps=1e-5, use_cache=False,
-                         attn_implementation=attn_implementation)
+    config = LlamaConfig(
+        vocab_size=gpt_cfg.vocab_size,
+        hidden_size=d,
+        num_hidden_layers=gpt_cfg.n_layer,
+        num_attention_heads=gpt_cfg.n_head,
+        num_key_value_heads=gpt_cfg.n_kv_heads,
+        intermediate_size=256 * -(-8 * d // (3 * 256)),
+        max_position_embeddings=gpt_cfg.max_seq_len,
+        tie_word_embeddings=gpt_cfg.tie_embeddings,
+        rms_norm_eps=1e-5,
+        use_cache=False,
+        attn_implementation=attn_implementation,
+    )
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = LlamaForCausalLM(config)
     return model, config
@@ -86,11 +101,17 @@ def auto_micro_batch(model: str, impl: str, seq_len: int, vocab: int) -> int:
     cfg = load_model_config(model, [], vocab)
     memory = torch.cuda.get_device_properties(0).total_memory
     states = zero3_model_states(cfg.num_params(), largest_layer_params(cfg), 1, 1).gpu_bytes
-    fits = max_micro_batch(memory, states, cfg, seq_len, checkpointing=False, flash=impl != "eager",
-                           reserve_bytes=max(2 * GIB, 0.1 * memory))
+    fits = max_micro_batch(
+        memory,
+        states,
+        cfg,
+        seq_len,
+        checkpointing=False,
+        flash=impl != "eager",
+        reserve_bytes=max(2 * GIB, 0.1 * memory),
+    )
     fits = min(fits, MAX_AUTO_MICRO_BATCH)
     return 1 << (fits.bit_length() - 1) if fits > 0 else 1  # 1 even when nothing fits: the row then says OOM
-
 
 
 def run_row(args) -> dict:
@@ -117,10 +138,18 @@ def run_row(args) -> dict:
     if is_hf:
         model, hf_config = llama_model(gpt_cfg, ds_config, args.impl.removeprefix("hf-"))
         # FLOPs of the model actually run: Llama's shape is ftlm's with SwiGLU of its intermediate size.
-        flops_cfg = GPTConfig(vocab_size=gpt_cfg.vocab_size, max_seq_len=gpt_cfg.max_seq_len,
-                              n_layer=gpt_cfg.n_layer, n_head=gpt_cfg.n_head, n_kv_heads=gpt_cfg.n_kv_heads,
-                              d_model=gpt_cfg.d_model, d_ff=hf_config.intermediate_size, mlp="swiglu",
-                              norm="rmsnorm", tie_embeddings=gpt_cfg.tie_embeddings)
+        flops_cfg = GPTConfig(
+            vocab_size=gpt_cfg.vocab_size,
+            max_seq_len=gpt_cfg.max_seq_len,
+            n_layer=gpt_cfg.n_layer,
+            n_head=gpt_cfg.n_head,
+            n_kv_heads=gpt_cfg.n_kv_heads,
+            d_model=gpt_cfg.d_model,
+            d_ff=hf_config.intermediate_size,
+            mlp="swiglu",
+            norm="rmsnorm",
+            tie_embeddings=gpt_cfg.tie_embeddings,
+        )
     else:
         model, flops_cfg = build_model(gpt_cfg, ds_config, d), gpt_cfg
     engine, _ = build_engine(model, t, cfg.deepspeed, ds_config, d)
@@ -148,10 +177,16 @@ def run_row(args) -> dict:
     seconds = time.perf_counter() - start
     tokens_per_s = args.steps * args.micro_batch * args.seq_len / seconds
     peak = peak_flops_per_device(d.device, args.precision)
-    return {"micro_batch": args.micro_batch, "tokens_per_s": tokens_per_s, "step_ms": 1000 * seconds / args.steps,
-            "mfu": tokens_per_s * flops_per_token(flops_cfg, args.seq_len) / peak if peak else None,
-            "peak_mem_gib": torch.cuda.max_memory_allocated(d.device) / 2**30 if d.device.type == "cuda" else None,
-            "params": flops_cfg.num_params(), "loss": float(loss), "device": device_name(d.device)}
+    return {
+        "micro_batch": args.micro_batch,
+        "tokens_per_s": tokens_per_s,
+        "step_ms": 1000 * seconds / args.steps,
+        "mfu": tokens_per_s * flops_per_token(flops_cfg, args.seq_len) / peak if peak else None,
+        "peak_mem_gib": torch.cuda.max_memory_allocated(d.device) / 2**30 if d.device.type == "cuda" else None,
+        "params": flops_cfg.num_params(),
+        "loss": float(loss),
+        "device": device_name(d.device),
+    }
 
 
 def device_name(device) -> str:
@@ -175,15 +210,32 @@ def child_main(args) -> int:
 
 # ---------------------------------------------------------------- the table, in the parent process
 
+
 def run_child(model: str, impl: str, micro_batch: int, args) -> dict:
-    cmd = [sys.executable, __file__, "--_row", model, impl, "--micro-batch", str(micro_batch),
-           "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--vocab", str(args.vocab), "--precision", args.precision] + (["--smoke"] if args.smoke else [])
+    cmd = [
+        sys.executable,
+        __file__,
+        "--_row",
+        model,
+        impl,
+        "--micro-batch",
+        str(micro_batch),
+        "--seq-len",
+        str(args.seq_len),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--vocab",
+        str(args.vocab),
+        "--precision",
+        args.precision,
+    ] + (["--smoke"] if args.smoke else [])
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return json.loads(line[len("RESULT ") :])
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
     return {"error": f"exit {proc.returncode}: {tail[:160]}"}
 
@@ -195,8 +247,11 @@ def fmt(value, spec: str, width: int) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="presets from conf/model/, comma-separated")
-    p.add_argument("--impls", default=",".join(DEFAULT_IMPLS),
-                   help="ftlm attn_impl values; flash_attn is skipped when not installed")
+    p.add_argument(
+        "--impls",
+        default=",".join(DEFAULT_IMPLS),
+        help="ftlm attn_impl values; flash_attn is skipped when not installed",
+    )
     p.add_argument("--no-hf", action="store_true", help="leave out the Hugging Face Llama rows")
     p.add_argument("--no-llama-shape", action="store_true", help="leave out ftlm with SwiGLU + RMSNorm")
     p.add_argument("--seq-len", type=int, default=2048)
@@ -205,8 +260,11 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, autotuning)")
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
-    p.add_argument("--smoke", action="store_true",
-                   help="2 layers of width 64, seq 64, 3 steps, fp32 on CPU: checks that the benchmark runs")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="2 layers of width 64, seq 64, 3 steps, fp32 on CPU: checks that the benchmark runs",
+    )
     p.add_argument("--_row", nargs=2, metavar=("MODEL", "IMPL"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -224,8 +282,10 @@ def main(argv=None) -> int:
         if not on_gpu:
             args.precision = "fp32"
     elif not on_gpu:
-        print("benchmarks/train_step.py measures GPU training throughput and no CUDA GPU is visible here; "
-              "nothing to measure. Use --smoke to check that the script runs on this CPU.")
+        print(
+            "benchmarks/train_step.py measures GPU training throughput and no CUDA GPU is visible here; "
+            "nothing to measure. Use --smoke to check that the script runs on this CPU."
+        )
         return 0
 
     impls = [i for i in args.impls.split(",") if i]
@@ -243,8 +303,10 @@ def main(argv=None) -> int:
             if flash_attn_available():
                 rows.append((m, "hf-flash_attention_2"))
 
-    header = (f"{'model':<10} {'implementation':<22} {'micro':>5} {'params':>8} {'tokens/s':>11} {'step ms':>9} "
-              f"{'MFU':>6} {'peak GiB':>9}")
+    header = (
+        f"{'model':<10} {'implementation':<22} {'micro':>5} {'params':>8} {'tokens/s':>11} {'step ms':>9} "
+        f"{'MFU':>6} {'peak GiB':>9}"
+    )
     lines, device = [header, "-" * len(header)], None
     print(header, flush=True)
     for model, impl in rows:
@@ -256,17 +318,22 @@ def main(argv=None) -> int:
                 break
             micro //= 2
         label = {"hf-sdpa": "HF Llama (sdpa)", "hf-flash_attention_2": "HF Llama (flash-attn 2)"}.get(
-            impl, f"ftlm {impl.replace('llama-', 'llama-shape ')}")
+            impl, f"ftlm {impl.replace('llama-', 'llama-shape ')}"
+        )
         if "error" in r:
             line = f"{model:<10} {label:<22} {micro:>5} {r['error']}"
         else:
             device = r["device"]
-            line = (f"{model:<10} {label:<22} {micro:>5} {r['params'] / 1e6:>7.1f}M {r['tokens_per_s']:>11,.0f} "
-                    f"{r['step_ms']:>9.1f} {fmt(r['mfu'], '.1%', 6)} {fmt(r['peak_mem_gib'], '.2f', 9)}")
+            line = (
+                f"{model:<10} {label:<22} {micro:>5} {r['params'] / 1e6:>7.1f}M {r['tokens_per_s']:>11,.0f} "
+                f"{r['step_ms']:>9.1f} {fmt(r['mfu'], '.1%', 6)} {fmt(r['peak_mem_gib'], '.2f', 9)}"
+            )
         lines.append(line)
         print(line, flush=True)
-    print(f"\ndevice: {device or '?'}; seq {args.seq_len}, {args.precision}, DeepSpeed ZeRO-3, 1 process, "
-          f"{args.steps} timed steps after {args.warmup} warmup; {time.strftime('%Y-%m-%d')}")
+    print(
+        f"\ndevice: {device or '?'}; seq {args.seq_len}, {args.precision}, DeepSpeed ZeRO-3, 1 process, "
+        f"{args.steps} timed steps after {args.warmup} warmup; {time.strftime('%Y-%m-%d')}"
+    )
     return 0
 
 

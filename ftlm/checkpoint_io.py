@@ -10,6 +10,7 @@ ZeRO shards are consolidated on the CPU without a process group by DeepSpeed's z
 calls run under torch's restricted (weights-only) unpickler; everything else is JSON or safetensors.
 Every check that can fail (path, config, tokenizer) runs before any weights are read.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,8 +34,20 @@ CONFIG = "ftlm_config.json"
 TOKENIZER = "tokenizer.json"
 # Keys that fix the weights' shapes or the function the model computes. The rest (name, attn_impl,
 # norm_impl, dropout, init_std, max_seq_len) may differ between training and use.
-ARCH_KEYS = ("vocab_size", "n_layer", "n_head", "n_kv_heads", "d_model", "d_ff", "norm", "norm_eps", "mlp",
-             "rope_theta", "tie_embeddings", "bias")
+ARCH_KEYS = (
+    "vocab_size",
+    "n_layer",
+    "n_head",
+    "n_kv_heads",
+    "d_model",
+    "d_ff",
+    "norm",
+    "norm_eps",
+    "mlp",
+    "rope_theta",
+    "tie_embeddings",
+    "bias",
+)
 RUNTIME_KEYS = ("attn_impl", "norm_impl", "max_seq_len")
 SOURCE_HELP = "a run directory, a checkpoint (checkpoints/step_XXXXXXXX) or an ftlm-export directory"
 
@@ -46,6 +59,7 @@ class CheckpointError(ValueError):
 @dataclass
 class Source:
     """Where a model's files are, found from the path a user gave."""
+
     kind: str  # "checkpoint" | "export"
     path: Path  # the checkpoint directory or the export directory
     tokenizer_path: Path
@@ -71,19 +85,24 @@ def locate(path: str | Path) -> Source:
         return _export_source(p)
     if p.is_dir() and (p / "checkpoints").is_dir():
         return _checkpoint_source(_newest(p / "checkpoints"), p / TOKENIZER)
-    if p.is_dir() and ((p / ckpt_files.MANIFEST).exists() or (p / "trainer_state.json").exists()
-                       or ckpt_files.TAG_RE.match(p.name)):
+    if p.is_dir() and (
+        (p / ckpt_files.MANIFEST).exists() or (p / "trainer_state.json").exists() or ckpt_files.TAG_RE.match(p.name)
+    ):
         own = p / TOKENIZER
         return _checkpoint_source(p, own if own.is_file() else p.parent.parent / TOKENIZER)
     if p.is_dir() and ckpt_files.list_checkpoints(p):
         return _checkpoint_source(_newest(p), p.parent / TOKENIZER)
     if p.is_dir() and (p / "config.json").is_file() and (p / WEIGHTS).is_file():
-        raise CheckpointError(f"{p} is a Hugging Face model directory; load it with transformers "
-                              "(AutoModelForCausalLM.from_pretrained), or pass the ftlm export directory above it")
+        raise CheckpointError(
+            f"{p} is a Hugging Face model directory; load it with transformers "
+            "(AutoModelForCausalLM.from_pretrained), or pass the ftlm export directory above it"
+        )
     if p.is_dir() and (p / WEIGHTS).is_file():
         raise CheckpointError(f"{p} has {WEIGHTS} but no {CONFIG}: was it written by ftlm-export?")
-    raise CheckpointError(f"{p} is not a run directory (no checkpoints/), a checkpoint (no manifest.json) "
-                          f"or an ftlm-export directory (no {WEIGHTS})")
+    raise CheckpointError(
+        f"{p} is not a run directory (no checkpoints/), a checkpoint (no manifest.json) "
+        f"or an ftlm-export directory (no {WEIGHTS})"
+    )
 
 
 def _newest(root: Path) -> Path:
@@ -103,8 +122,15 @@ def _checkpoint_source(ckpt: Path, tokenizer_path: Path) -> Source:
         config = state["model_config"]
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{state_file}: cannot read the model config ({type(e).__name__}: {e})") from None
-    return Source("checkpoint", ckpt, tokenizer_path, _config_from(config, state_file), state.get("step"),
-                  state.get("tokenizer_vocab"), state.get("tokenizer_sha256"))
+    return Source(
+        "checkpoint",
+        ckpt,
+        tokenizer_path,
+        _config_from(config, state_file),
+        state.get("step"),
+        state.get("tokenizer_vocab"),
+        state.get("tokenizer_sha256"),
+    )
 
 
 def _export_source(d: Path) -> Source:
@@ -113,9 +139,16 @@ def _export_source(d: Path) -> Source:
     except ValueError as e:
         raise CheckpointError(f"{d / CONFIG}: not valid JSON ({e})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
-        raise CheckpointError(f"{d / CONFIG}: no \"model\" section with the model config")
-    return Source("export", d, d / TOKENIZER, _config_from(meta["model"], d / CONFIG), meta.get("step"),
-                  meta.get("tokenizer_vocab"), meta.get("tokenizer_sha256"))
+        raise CheckpointError(f'{d / CONFIG}: no "model" section with the model config')
+    return Source(
+        "export",
+        d,
+        d / TOKENIZER,
+        _config_from(meta["model"], d / CONFIG),
+        meta.get("step"),
+        meta.get("tokenizer_vocab"),
+        meta.get("tokenizer_sha256"),
+    )
 
 
 def _config_from(values: dict, where: Path) -> GPTConfig:
@@ -163,8 +196,11 @@ def check_config(found: GPTConfig, expected: GPTConfig | dict, where: Path) -> N
         resolved = GPTConfig(**merged)
     except ValueError as e:
         raise CheckpointError(f"the given model config is not valid: {e}") from None
-    diffs = [f"model.{k}: checkpoint has {getattr(found, k)!r}, given config has {getattr(resolved, k)!r}"
-             for k in ARCH_KEYS if getattr(found, k) != getattr(resolved, k)]
+    diffs = [
+        f"model.{k}: checkpoint has {getattr(found, k)!r}, given config has {getattr(resolved, k)!r}"
+        for k in ARCH_KEYS
+        if getattr(found, k) != getattr(resolved, k)
+    ]
     if diffs:
         raise CheckpointError(f"{where} was made by another model config:\n  " + "\n  ".join(diffs))
 
@@ -173,21 +209,32 @@ def load_tokenizer(source: Source):
     from ftlm.data.tokenizer import Tokenizer
 
     if not source.tokenizer_path.is_file():
-        raise FileNotFoundError(f"tokenizer {source.tokenizer_path} does not exist (a run directory keeps it beside "
-                                "checkpoints/, an export directory beside model.safetensors)")
+        raise FileNotFoundError(
+            f"tokenizer {source.tokenizer_path} does not exist (a run directory keeps it beside "
+            "checkpoints/, an export directory beside model.safetensors)"
+        )
     tokenizer = Tokenizer.load(source.tokenizer_path)
     if source.tokenizer_vocab is not None and tokenizer.vocab_size != source.tokenizer_vocab:
-        raise CheckpointError(f"tokenizer {source.tokenizer_path} has {tokenizer.vocab_size} tokens but {source.path} "
-                              f"was trained with a {source.tokenizer_vocab}-token tokenizer: token ids would mean "
-                              "other text")
-    if source.tokenizer_sha256 is not None and ckpt_files.tokenizer_fingerprint(source.tokenizer_path) != \
-            source.tokenizer_sha256:
-        log.warning("tokenizer %s is not the file %s was trained with (same vocabulary size); token ids may mean "
-                    "other text", source.tokenizer_path, source.path)
+        raise CheckpointError(
+            f"tokenizer {source.tokenizer_path} has {tokenizer.vocab_size} tokens but {source.path} "
+            f"was trained with a {source.tokenizer_vocab}-token tokenizer: token ids would mean "
+            "other text"
+        )
+    if (
+        source.tokenizer_sha256 is not None
+        and ckpt_files.tokenizer_fingerprint(source.tokenizer_path) != source.tokenizer_sha256
+    ):
+        log.warning(
+            "tokenizer %s is not the file %s was trained with (same vocabulary size); token ids may mean other text",
+            source.tokenizer_path,
+            source.path,
+        )
     if tokenizer.vocab_size > source.config.vocab_size:
-        raise CheckpointError(f"tokenizer {source.tokenizer_path} has {tokenizer.vocab_size} tokens but the model in "
-                              f"{source.path} has model.vocab_size={source.config.vocab_size}: "
-                              "they do not belong together")
+        raise CheckpointError(
+            f"tokenizer {source.tokenizer_path} has {tokenizer.vocab_size} tokens but the model in "
+            f"{source.path} has model.vocab_size={source.config.vocab_size}: "
+            "they do not belong together"
+        )
     return tokenizer
 
 
@@ -199,8 +246,11 @@ def consolidate(ckpt: Path) -> dict[str, torch.Tensor]:
     log.info("gathering the ZeRO shards of %s into one state dict", ckpt)
     chatter = io.StringIO()  # zero_to_fp32 prints its progress; keep it for debug logs only
     try:
-        with ckpt_files.weights_only_loading(), torch.serialization.safe_globals([fragment_address]), \
-                contextlib.redirect_stdout(chatter):
+        with (
+            ckpt_files.weights_only_loading(),
+            torch.serialization.safe_globals([fragment_address]),
+            contextlib.redirect_stdout(chatter),
+        ):
             state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"cannot consolidate the ZeRO shards in {ckpt}: {e}") from e
@@ -229,6 +279,7 @@ def read_state_dict(source: Source) -> dict[str, torch.Tensor]:
         state = consolidate(source.path)
     else:
         from safetensors.torch import load_file
+
         state = load_file(str(source.path / WEIGHTS), device="cpu")
     check_state_dict(state, source.config, source.path)
     return state
@@ -240,8 +291,11 @@ def check_state_dict(state: dict, cfg: GPTConfig, where: Path) -> None:
         expected = {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k}: {tuple(state[k].shape)} instead of {expected[k]}"
-             for k in expected if k in state and tuple(state[k].shape) != expected[k]]
+    wrong = [
+        f"{k}: {tuple(state[k].shape)} instead of {expected[k]}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != expected[k]
+    ]
     problems = []
     if missing:
         problems.append("missing " + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
@@ -261,8 +315,13 @@ def build_model(cfg: GPTConfig, state: dict[str, torch.Tensor], device="cpu", dt
     return model.to(device=device).eval()
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-         expected_config: GPTConfig | dict | str | Path | None = None, **runtime) -> Loaded:
+def load(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    expected_config: GPTConfig | dict | str | Path | None = None,
+    **runtime,
+) -> Loaded:
     """Model and tokenizer from a run directory, checkpoint or export directory.
 
     expected_config: a config (or a YAML/JSON file) the checkpoint must have been trained with; each
@@ -282,9 +341,14 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     tokenizer = load_tokenizer(source)
     state = read_state_dict(source)
     model = build_model(source.config, state, device, dtype)
-    log.info("loaded %s %s (%s parameters%s) with a %d-token tokenizer", source.kind, source.path,
-             f"{model.num_params():,}", f", step {source.step}" if source.step is not None else "",
-             tokenizer.vocab_size)
+    log.info(
+        "loaded %s %s (%s parameters%s) with a %d-token tokenizer",
+        source.kind,
+        source.path,
+        f"{model.num_params():,}",
+        f", step {source.step}" if source.step is not None else "",
+        tokenizer.vocab_size,
+    )
     return Loaded(model, tokenizer, source)
 
 

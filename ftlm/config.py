@@ -1,4 +1,5 @@
 """Where the Hydra configuration lives, and the wrapper that turns a function into a Hydra app."""
+
 from __future__ import annotations
 
 import functools
@@ -9,7 +10,9 @@ from pathlib import Path
 # A source checkout (and an editable install) reads conf/ at the project root; a wheel ships it as ftlm/conf
 # (in a checkout, ftlm/conf is a link to conf/).
 _ROOT_CONF = Path(__file__).resolve().parent.parent / "conf"
-CONF_DIR = Path(os.environ.get("FTLM_CONF_DIR") or (_ROOT_CONF if _ROOT_CONF.is_dir() else Path(__file__).parent / "conf"))
+CONF_DIR = Path(
+    os.environ.get("FTLM_CONF_DIR") or (_ROOT_CONF if _ROOT_CONF.is_dir() else Path(__file__).parent / "conf")
+)
 
 
 def strip_launcher_args(argv: list[str]) -> list[str]:
@@ -41,13 +44,16 @@ def hydra_app(config_name: str = "config"):
         def main():
             sys.argv = strip_launcher_args(sys.argv)
             return hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(fn)()
+
         return main
+
     return wrap
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "config"):
     """The resolved config as the apps would see it, for tests and notebooks (no Hydra run directory)."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()

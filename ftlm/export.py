@@ -15,6 +15,7 @@ Both use the same "rotate half" rotary layout as ftlm, so no weight is permuted.
 attention, so grouped key/value heads are repeated for it, which computes exactly the same function with a
 larger K/V projection. Other combinations have no Hugging Face twin: their ftlm files are still written.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,18 @@ from pathlib import Path
 
 import torch
 
-from ftlm.checkpoint_io import (CONFIG, SOURCE_HELP, TOKENIZER, WEIGHTS, CheckpointError, check_config, load_tokenizer,
-                                locate, read_expected_config, read_state_dict)
+from ftlm.checkpoint_io import (
+    CONFIG,
+    SOURCE_HELP,
+    TOKENIZER,
+    WEIGHTS,
+    CheckpointError,
+    check_config,
+    load_tokenizer,
+    locate,
+    read_expected_config,
+    read_state_dict,
+)
 from ftlm.model import GPTConfig
 
 log = logging.getLogger(__name__)
@@ -46,9 +57,11 @@ def hf_family(cfg: GPTConfig) -> str:
         return "llama"
     if cfg.norm == "layernorm" and cfg.mlp == "gelu":
         return "neox"
-    raise HFExportError(f"model.norm={cfg.norm} with model.mlp={cfg.mlp} has no Hugging Face architecture: only "
-                        "rmsnorm+swiglu (LlamaForCausalLM) and layernorm+gelu (GPTNeoXForCausalLM) export to "
-                        "Hugging Face; pass --no-hf to write the ftlm files only")
+    raise HFExportError(
+        f"model.norm={cfg.norm} with model.mlp={cfg.mlp} has no Hugging Face architecture: only "
+        "rmsnorm+swiglu (LlamaForCausalLM) and layernorm+gelu (GPTNeoXForCausalLM) export to "
+        "Hugging Face; pass --no-hf to write the ftlm files only"
+    )
 
 
 def _split_qkv(t: torch.Tensor, cfg: GPTConfig):
@@ -91,13 +104,16 @@ def _neox_qkv(t: torch.Tensor, cfg: GPTConfig) -> torch.Tensor:
 
 def neox_state_dict(cfg: GPTConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """GPT-NeoX always has LayerNorm and MLP biases: they are zero where ftlm has none."""
+
     def bias(name: str, n: int) -> torch.Tensor:
         return sd[name] if name in sd else torch.zeros(n, dtype=sd["embed.weight"].dtype)
 
     d = cfg.d_model
-    out = {"gpt_neox.embed_in.weight": sd["embed.weight"],
-           "gpt_neox.final_layer_norm.weight": sd["norm.weight"],
-           "gpt_neox.final_layer_norm.bias": bias("norm.bias", d)}
+    out = {
+        "gpt_neox.embed_in.weight": sd["embed.weight"],
+        "gpt_neox.final_layer_norm.weight": sd["norm.weight"],
+        "gpt_neox.final_layer_norm.bias": bias("norm.bias", d),
+    }
     if not cfg.tie_embeddings:
         out["embed_out.weight"] = sd["lm_head.weight"]
     for i in range(cfg.n_layer):
@@ -121,18 +137,45 @@ def neox_state_dict(cfg: GPTConfig, sd: dict[str, torch.Tensor]) -> dict[str, to
 def hf_config(cfg: GPTConfig, tokenizer, dtype: torch.dtype):
     from transformers import GPTNeoXConfig, LlamaConfig
 
-    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer,
-                  num_attention_heads=cfg.n_head, intermediate_size=cfg.d_ff,
-                  max_position_embeddings=cfg.max_seq_len, initializer_range=cfg.init_std,
-                  tie_word_embeddings=cfg.tie_embeddings, bos_token_id=tokenizer.eot_id,
-                  eos_token_id=tokenizer.eot_id, pad_token_id=tokenizer.pad_id, dtype=HF_DTYPE_NAMES[dtype])
+    common = dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        intermediate_size=cfg.d_ff,
+        max_position_embeddings=cfg.max_seq_len,
+        initializer_range=cfg.init_std,
+        tie_word_embeddings=cfg.tie_embeddings,
+        bos_token_id=tokenizer.eot_id,
+        eos_token_id=tokenizer.eot_id,
+        pad_token_id=tokenizer.pad_id,
+        dtype=HF_DTYPE_NAMES[dtype],
+    )
     if hf_family(cfg) == "llama":
-        return LlamaConfig(**common, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, hidden_act="silu",
-                           rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, attention_bias=cfg.bias,
-                           mlp_bias=cfg.bias, attention_dropout=0.0, architectures=["LlamaForCausalLM"])
-    return GPTNeoXConfig(**common, hidden_act="gelu_pytorch_tanh", rotary_pct=1.0, rotary_emb_base=cfg.rope_theta,
-                         layer_norm_eps=cfg.norm_eps, use_parallel_residual=False, attention_bias=cfg.bias,
-                         attention_dropout=0.0, hidden_dropout=0.0, architectures=["GPTNeoXForCausalLM"])
+        return LlamaConfig(
+            **common,
+            num_key_value_heads=cfg.n_kv_heads,
+            head_dim=cfg.head_dim,
+            hidden_act="silu",
+            rms_norm_eps=cfg.norm_eps,
+            rope_theta=cfg.rope_theta,
+            attention_bias=cfg.bias,
+            mlp_bias=cfg.bias,
+            attention_dropout=0.0,
+            architectures=["LlamaForCausalLM"],
+        )
+    return GPTNeoXConfig(
+        **common,
+        hidden_act="gelu_pytorch_tanh",
+        rotary_pct=1.0,
+        rotary_emb_base=cfg.rope_theta,
+        layer_norm_eps=cfg.norm_eps,
+        use_parallel_residual=False,
+        attention_bias=cfg.bias,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+        architectures=["GPTNeoXForCausalLM"],
+    )
 
 
 def _save_safetensors(state: dict[str, torch.Tensor], path: Path, dtype: torch.dtype, metadata: dict) -> None:
@@ -143,16 +186,28 @@ def _save_safetensors(state: dict[str, torch.Tensor], path: Path, dtype: torch.d
     tmp.replace(path)
 
 
-def write_ftlm(out: Path, cfg: GPTConfig, state: dict, tokenizer_path: Path, dtype: torch.dtype,
-               step: int | None = None, source: str = "") -> None:
+def write_ftlm(
+    out: Path,
+    cfg: GPTConfig,
+    state: dict,
+    tokenizer_path: Path,
+    dtype: torch.dtype,
+    step: int | None = None,
+    source: str = "",
+) -> None:
     from ftlm.data.tokenizer import Tokenizer
     from ftlm.train.checkpoint import tokenizer_fingerprint
 
     out.mkdir(parents=True, exist_ok=True)
     _save_safetensors(state, out / WEIGHTS, dtype, {"format": "pt", "ftlm_config": json.dumps(asdict(cfg))})
-    meta = {"model": asdict(cfg), "step": step, "source": source, "dtype": HF_DTYPE_NAMES[dtype],
-            "tokenizer_vocab": Tokenizer.load(tokenizer_path).vocab_size,
-            "tokenizer_sha256": tokenizer_fingerprint(tokenizer_path)}
+    meta = {
+        "model": asdict(cfg),
+        "step": step,
+        "source": source,
+        "dtype": HF_DTYPE_NAMES[dtype],
+        "tokenizer_vocab": Tokenizer.load(tokenizer_path).vocab_size,
+        "tokenizer_sha256": tokenizer_fingerprint(tokenizer_path),
+    }
     (out / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
     if tokenizer_path.resolve() != (out / TOKENIZER).resolve():
         shutil.copyfile(tokenizer_path, out / TOKENIZER)
@@ -164,25 +219,40 @@ def write_hf(hf_dir: Path, cfg: GPTConfig, state: dict, tokenizer, tokenizer_pat
 
     family = hf_family(cfg)
     if family == "neox" and cfg.n_kv_heads != cfg.n_head:
-        log.info("GPT-NeoX has no grouped-query attention: repeating each of the %d key/value heads %d times",
-                 cfg.n_kv_heads, cfg.n_head // cfg.n_kv_heads)
+        log.info(
+            "GPT-NeoX has no grouped-query attention: repeating each of the %d key/value heads %d times",
+            cfg.n_kv_heads,
+            cfg.n_head // cfg.n_kv_heads,
+        )
     weights = llama_state_dict(cfg, state) if family == "llama" else neox_state_dict(cfg, state)
     hf_dir.mkdir(parents=True, exist_ok=True)
     config = hf_config(cfg, tokenizer, dtype)
     config.save_pretrained(hf_dir)
-    GenerationConfig(bos_token_id=tokenizer.eot_id, eos_token_id=tokenizer.eot_id,
-                     pad_token_id=tokenizer.pad_id).save_pretrained(hf_dir)
+    GenerationConfig(
+        bos_token_id=tokenizer.eot_id, eos_token_id=tokenizer.eot_id, pad_token_id=tokenizer.pad_id
+    ).save_pretrained(hf_dir)
     _save_safetensors(weights, hf_dir / WEIGHTS, dtype, {"format": "pt"})
     backend = tokenizer.backend
     eot, pad = backend.id_to_token(tokenizer.eot_id), backend.id_to_token(tokenizer.pad_id)
-    hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_path), bos_token=eot, eos_token=eot, pad_token=pad,
-                                     model_max_length=cfg.max_seq_len, clean_up_tokenization_spaces=False)
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_file=str(tokenizer_path),
+        bos_token=eot,
+        eos_token=eot,
+        pad_token=pad,
+        model_max_length=cfg.max_seq_len,
+        clean_up_tokenization_spaces=False,
+    )
     hf_tok.save_pretrained(hf_dir)
     return config.architectures[0]
 
 
-def export(src: str | Path, out: str | Path, dtype: str = "bf16", hf: bool = True,
-           expected_config: GPTConfig | dict | str | Path | None = None) -> Path:
+def export(
+    src: str | Path,
+    out: str | Path,
+    dtype: str = "bf16",
+    hf: bool = True,
+    expected_config: GPTConfig | dict | str | Path | None = None,
+) -> Path:
     """Write the ftlm files (and, with hf, the Hugging Face directory <out>/hf); returns out.
 
     Raises HFExportError after writing the ftlm files when the config has no Hugging Face twin.
@@ -201,8 +271,14 @@ def export(src: str | Path, out: str | Path, dtype: str = "bf16", hf: bool = Tru
     if source.kind == "export" and out.resolve() == source.path.resolve():
         raise ValueError(f"the output directory {out} is the export being read; choose another")
     write_ftlm(out, source.config, state, source.tokenizer_path, torch_dtype, source.step, str(source.path))
-    log.info("wrote %s (%s, %s parameters), %s and %s", out / WEIGHTS, dtype,
-             f"{sum(v.numel() for v in state.values()):,}", out / CONFIG, out / TOKENIZER)
+    log.info(
+        "wrote %s (%s, %s parameters), %s and %s",
+        out / WEIGHTS,
+        dtype,
+        f"{sum(v.numel() for v in state.values()):,}",
+        out / CONFIG,
+        out / TOKENIZER,
+    )
     if hf:
         arch = write_hf(out / "hf", source.config, state, tokenizer, source.tokenizer_path, torch_dtype)
         log.info("wrote the Hugging Face %s directory %s", arch, out / "hf")
@@ -215,16 +291,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="output directory (created if missing)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weight precision (default bf16)")
     parser.add_argument("--no-hf", dest="hf", action="store_false", help="skip the Hugging Face directory <out>/hf")
-    parser.add_argument("--config", help="a model config (conf/model/*.yaml or a run's config.yaml) the checkpoint "
-                                         "must match; mismatched keys are named")
+    parser.add_argument(
+        "--config",
+        help="a model config (conf/model/*.yaml or a run's config.yaml) the checkpoint "
+        "must match; mismatched keys are named",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         export(args.source, args.out, args.dtype, args.hf, args.config)
     except HFExportError as e:
         wrote = Path(args.out) / WEIGHTS
-        print(f"ftlm-export: error: {e}" + (f" (the ftlm files are written: {wrote})" if wrote.exists() else ""),
-              file=sys.stderr)
+        print(
+            f"ftlm-export: error: {e}" + (f" (the ftlm files are written: {wrote})" if wrote.exists() else ""),
+            file=sys.stderr,
+        )
         return 1
     except (FileNotFoundError, CheckpointError, ValueError) as e:
         print(f"ftlm-export: error: {e}", file=sys.stderr)

@@ -57,8 +57,13 @@ def tiny_run_dir(tmp_path_factory) -> Path:
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_PORT"):  # a group of its own
         env.pop(key, None)
     env["OMP_NUM_THREADS"] = "1"  # a tiny model; the cores are shared with the tests running beside it
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "eval" / "tiny_run.py"), str(run_dir)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "eval" / "tiny_run.py"), str(run_dir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, f"building the tiny run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert json.loads(proc.stdout.strip().splitlines()[-1])["run_dir"] == str(run_dir)
     return run_dir

@@ -2,11 +2,13 @@
 
 Every message names the key (`data.mix`, `data.tokenizer.vocab_size`, ...) so a user knows what to change.
 """
+
 from __future__ import annotations
 
 import math
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .clean import SCRIPTS, CleanConfig
 from .dedup import DedupConfig
@@ -23,6 +25,7 @@ def as_dict(cfg) -> dict:
     """A plain, resolved dict from an OmegaConf node or a mapping."""
     try:
         from omegaconf import DictConfig, OmegaConf
+
         if isinstance(cfg, DictConfig):
             return OmegaConf.to_container(cfg, resolve=True)
     except ImportError:  # pragma: no cover - omegaconf is a dependency
@@ -33,8 +36,10 @@ def as_dict(cfg) -> dict:
 def stream_names(cfg: Mapping[str, Any]) -> list[str]:
     sources = cfg.get("sources")
     if not isinstance(sources, Mapping) or not sources:
-        raise DataConfigError("data.sources must map each stream name to a list of files or globs, "
-                              "e.g. {ko: [corpus/ko/*.jsonl], en: [corpus/en/*.jsonl]}")
+        raise DataConfigError(
+            "data.sources must map each stream name to a list of files or globs, "
+            "e.g. {ko: [corpus/ko/*.jsonl], en: [corpus/en/*.jsonl]}"
+        )
     for name, files in sources.items():
         if not _STREAM_NAME.match(str(name)):
             raise DataConfigError(f"data.sources: stream name {name!r} may only hold letters, digits, '_' and '-'")
@@ -57,8 +62,9 @@ def check_mix(cfg: Mapping[str, Any], streams: list[str]) -> dict[str, float]:
         raise DataConfigError(f"data.mix names unknown stream(s) {unknown}; data.sources has {streams}")
     missing = sorted(set(streams) - set(map(str, mix)))
     if missing:
-        raise DataConfigError(f"data.mix has no share for stream(s) {missing} (give 0.0 to prepare a stream "
-                              f"without training on it)")
+        raise DataConfigError(
+            f"data.mix has no share for stream(s) {missing} (give 0.0 to prepare a stream without training on it)"
+        )
     shares = {}
     for name, share in mix.items():
         if not isinstance(share, (int, float)) or isinstance(share, bool) or not math.isfinite(share) or share < 0:
@@ -93,8 +99,9 @@ def check_data_config(cfg: Mapping[str, Any]) -> list[str]:
     if workers is not None and (not isinstance(workers, int) or workers < 0):
         raise DataConfigError(f"data.num_workers must be null (all cores) or an integer >= 0, got {workers!r}")
     if cfg.get("shard_compression") not in COMPRESSIONS:
-        raise DataConfigError(f"data.shard_compression must be one of {list(COMPRESSIONS)}, "
-                              f"got {cfg.get('shard_compression')!r}")
+        raise DataConfigError(
+            f"data.shard_compression must be one of {list(COMPRESSIONS)}, got {cfg.get('shard_compression')!r}"
+        )
     for key in ("shard_size_limit", "max_line_bytes"):
         if key in cfg and (not isinstance(cfg[key], int) or cfg[key] < 1024):
             raise DataConfigError(f"data.{key} must be an integer >= 1024 (bytes), got {cfg[key]!r}")
@@ -111,14 +118,15 @@ def check_data_config(cfg: Mapping[str, Any]) -> list[str]:
 
 
 def _check_tokenizer(tok: Mapping[str, Any], streams: list[str]) -> None:
-    known = {"path", "extend_from", "vocab_size", "min_frequency", "sample_chars", "sample_shares",
-             "special_tokens"}
+    known = {"path", "extend_from", "vocab_size", "min_frequency", "sample_chars", "sample_shares", "special_tokens"}
     unknown = sorted(set(tok) - known)
     if unknown:
         raise DataConfigError(f"data.tokenizer: unknown key(s) {unknown}; known: {sorted(known)}")
     if tok.get("path") and tok.get("extend_from"):
-        raise DataConfigError("data.tokenizer.path (reuse as is) and data.tokenizer.extend_from (extend) "
-                              "exclude each other; set one of them to null")
+        raise DataConfigError(
+            "data.tokenizer.path (reuse as is) and data.tokenizer.extend_from (extend) "
+            "exclude each other; set one of them to null"
+        )
     vocab = tok.get("vocab_size", 32000)
     if not isinstance(vocab, int) or vocab < 300 or vocab > 1 << 22:
         raise DataConfigError(f"data.tokenizer.vocab_size must be an integer in [300, 4194304], got {vocab!r}")
@@ -128,8 +136,9 @@ def _check_tokenizer(tok: Mapping[str, Any], streams: list[str]) -> None:
     if shares is not None:
         unknown_streams = sorted(set(map(str, shares)) - set(streams))
         if unknown_streams:
-            raise DataConfigError(f"data.tokenizer.sample_shares names unknown stream(s) {unknown_streams}; "
-                                  f"data.sources has {streams}")
+            raise DataConfigError(
+                f"data.tokenizer.sample_shares names unknown stream(s) {unknown_streams}; data.sources has {streams}"
+            )
         if any(not isinstance(v, (int, float)) or v < 0 for v in shares.values()) or sum(shares.values()) <= 0:
             raise DataConfigError("data.tokenizer.sample_shares must be numbers >= 0 with a positive sum")
     specials = tok.get("special_tokens") or []

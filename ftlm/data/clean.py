@@ -6,13 +6,13 @@ order and names the first one a document fails, so the report can count drops pe
 Rae et al. 2021 (Gopher), with the alphabetic checks generalised to a per-stream script (Hangul for `ko`,
 Latin for `en`).
 """
+
 from __future__ import annotations
 
 import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional
 
 # Cc controls except tab and newline; format characters that are invisible in text (zero-width space/joiners,
 # word joiner, BOM, soft hyphen, bidi marks); the U+FFFD left behind by repaired invalid UTF-8.
@@ -47,19 +47,20 @@ def normalize(text: str) -> str:
 @dataclass
 class CleanConfig:
     """Thresholds of `data.clean`; a null threshold turns its rule off."""
-    min_chars: Optional[int] = 200
-    max_chars: Optional[int] = 1_000_000
-    min_words: Optional[int] = 20
-    max_mean_word_chars: Optional[float] = 20.0
-    min_letter_share: Optional[float] = 0.5
-    min_script_share: Optional[float] = 0.6
-    max_dup_line_frac: Optional[float] = 0.3
-    max_dup_line_char_frac: Optional[float] = 0.2
+
+    min_chars: int | None = 200
+    max_chars: int | None = 1_000_000
+    min_words: int | None = 20
+    max_mean_word_chars: float | None = 20.0
+    min_letter_share: float | None = 0.5
+    min_script_share: float | None = 0.6
+    max_dup_line_frac: float | None = 0.3
+    max_dup_line_char_frac: float | None = 0.2
     max_top_ngram_frac: dict = field(default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16})
     max_dup_ngram_frac: dict = field(default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10})
 
     @classmethod
-    def from_cfg(cls, cfg) -> "CleanConfig":
+    def from_cfg(cls, cfg) -> CleanConfig:
         values = dict(cfg or {})
         unknown = set(values) - set(cls.__dataclass_fields__)
         if unknown:
@@ -71,18 +72,26 @@ class CleanConfig:
 
 
 # The order in which rules are tried; a document is counted against the first rule it fails.
-FILTERS = ("too_short", "too_long", "too_few_words", "long_words", "few_letters", "wrong_language",
-           "repeated_lines", "repeated_ngrams")
+FILTERS = (
+    "too_short",
+    "too_long",
+    "too_few_words",
+    "long_words",
+    "few_letters",
+    "wrong_language",
+    "repeated_lines",
+    "repeated_ngrams",
+)
 
 
 class QualityFilter:
-    def __init__(self, config: CleanConfig, lang: Optional[str]):
+    def __init__(self, config: CleanConfig, lang: str | None):
         if lang is not None and lang not in SCRIPTS:
             raise ValueError(f"data.lang: unknown language {lang!r}; known: {sorted(SCRIPTS)} or null")
         self.config = config
         self.script = SCRIPTS.get(lang) if lang else None
 
-    def reject_reason(self, text: str) -> Optional[str]:
+    def reject_reason(self, text: str) -> str | None:
         """The first rule `text` (already normalised) fails, or None if it passes them all."""
         c = self.config
         if c.min_chars is not None and len(text) < c.min_chars:

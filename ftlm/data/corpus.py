@@ -8,6 +8,7 @@ documentation topics of CPython's `pydoc_data` (the text behind `help('FOR')` an
 (`embedded:ko`, `embedded:en`) so that they flow through the same reading, cleaning and sharding as a user's
 own files.
 """
+
 from __future__ import annotations
 
 import glob
@@ -15,7 +16,7 @@ import importlib.util
 import json
 import os
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 EMBEDDED_PREFIX = "embedded:"
 CORPUS_VERSION = 1  # bump when the way documents are cut out of the files changes
@@ -37,8 +38,10 @@ class EmbeddedCorpusError(RuntimeError):
 def konlpy_corpus_dir() -> str:
     spec = importlib.util.find_spec("konlpy")
     if spec is None or not spec.submodule_search_locations:
-        raise EmbeddedCorpusError("the embedded corpus needs the `konlpy` package (its data files only); "
-                                  "install ftlm's dependencies, or choose data=custom")
+        raise EmbeddedCorpusError(
+            "the embedded corpus needs the `konlpy` package (its data files only); "
+            "install ftlm's dependencies, or choose data=custom"
+        )
     for location in spec.submodule_search_locations:
         path = os.path.join(location, "data", "corpus")
         if os.path.isdir(path):
@@ -51,6 +54,7 @@ def origin_files() -> list[str]:
     root = konlpy_corpus_dir()
     files = [os.path.join(root, "kolaw", "constitution.txt")] + sorted(glob.glob(os.path.join(root, "kobill", "*.txt")))
     import pydoc_data.topics
+
     return files + [pydoc_data.topics.__file__]
 
 
@@ -105,8 +109,13 @@ def bill_documents(path: str) -> Iterator[str]:
         if not line.strip() or _PAGE_MARK.match(line):
             continue
         previous = paragraphs[-1] if paragraphs else ""
-        starts_paragraph = (not paragraphs or line[:1].isspace() or previous.endswith((".", ":", ")"))
-                            or len(previous) < 20 or previous_width < 0.8 * wrap_width)
+        starts_paragraph = (
+            not paragraphs
+            or line[:1].isspace()
+            or previous.endswith((".", ":", ")"))
+            or len(previous) < 20
+            or previous_width < 0.8 * wrap_width
+        )
         text = " ".join(line.split())
         if starts_paragraph:
             paragraphs.append(text)
@@ -129,6 +138,7 @@ def korean_documents() -> Iterator[dict]:
 
 def english_documents() -> Iterator[dict]:
     from pydoc_data.topics import topics
+
     for name in sorted(topics):
         paragraphs = [p.strip("\n") for p in re.split(r"\n\s*\n", topics[name]) if p.strip()]
         for i, text in enumerate(_group(paragraphs, target=EN_TARGET_CHARS, sep="\n\n")):
@@ -153,14 +163,21 @@ def materialize(out_dir: str) -> dict[str, str]:
 
 def expand_embedded(sources: dict, out_dir: str) -> dict:
     """Replace `embedded:<stream>` entries of `data.sources` by the materialized files."""
-    wanted = {entry[len(EMBEDDED_PREFIX):] for files in sources.values() for entry in files
-              if str(entry).startswith(EMBEDDED_PREFIX)}
+    wanted = {
+        entry[len(EMBEDDED_PREFIX) :]
+        for files in sources.values()
+        for entry in files
+        if str(entry).startswith(EMBEDDED_PREFIX)
+    }
     if not wanted:
         return sources
     unknown = wanted - set(STREAMS)
     if unknown:
-        raise EmbeddedCorpusError(f"data.sources: unknown embedded stream(s) {sorted(unknown)}; "
-                                  f"the embedded corpus has {list(STREAMS)}")
+        raise EmbeddedCorpusError(
+            f"data.sources: unknown embedded stream(s) {sorted(unknown)}; the embedded corpus has {list(STREAMS)}"
+        )
     paths = materialize(out_dir)
-    return {stream: [paths[e[len(EMBEDDED_PREFIX):]] if str(e).startswith(EMBEDDED_PREFIX) else e for e in files]
-            for stream, files in sources.items()}
+    return {
+        stream: [paths[e[len(EMBEDDED_PREFIX) :]] if str(e).startswith(EMBEDDED_PREFIX) else e for e in files]
+        for stream, files in sources.items()
+    }

@@ -4,13 +4,13 @@ Work is split so that the costly part runs in worker processes: `fingerprint` (e
 of one document) is a pure function, and `Deduplicator` (the main process) keeps the set of seen hashes and
 the MinHash LSH index of `datasketch`, keeping the first copy of every document in input order.
 """
+
 from __future__ import annotations
 
 import hashlib
 import re
 import zlib
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 
@@ -21,15 +21,16 @@ SCHEME = "affine32"  # datasketch's unbiased 32-bit permutation scheme
 @dataclass
 class DedupConfig:
     """Settings of `data.dedup`."""
+
     exact: bool = True
     near: bool = True
-    threshold: float = 0.8   # estimated Jaccard similarity of shingle sets above which two documents are near-duplicates
+    threshold: float = 0.8  # estimated Jaccard similarity of shingle sets above which two documents are near-duplicates
     num_perm: int = 128
-    ngram: int = 5           # words per shingle
+    ngram: int = 5  # words per shingle
     seed: int = 1
 
     @classmethod
-    def from_cfg(cls, cfg) -> "DedupConfig":
+    def from_cfg(cls, cfg) -> DedupConfig:
         values = dict(cfg or {})
         unknown = set(values) - set(cls.__dataclass_fields__)
         if unknown:
@@ -56,10 +57,11 @@ class Fingerprinter:
         self._permutations = None
         if config.near:
             from datasketch import MinHash
+
             self._minhash = MinHash
             self._permutations = MinHash(num_perm=config.num_perm, seed=config.seed, scheme=SCHEME).permutations
 
-    def __call__(self, text: str) -> tuple[Optional[bytes], Optional[np.ndarray]]:
+    def __call__(self, text: str) -> tuple[bytes | None, np.ndarray | None]:
         key = exact_key(text) if self.config.exact else None
         if not self.config.near:
             return key, None
@@ -68,10 +70,15 @@ class Fingerprinter:
         if len(words) <= n:
             shingles = [" ".join(words).encode("utf-8")]
         else:
-            shingles = [" ".join(words[i:i + n]).encode("utf-8") for i in range(len(words) - n + 1)]
+            shingles = [" ".join(words[i : i + n]).encode("utf-8") for i in range(len(words) - n + 1)]
         # crc32 is stable across processes (unlike hash()) and fast; affine32 re-mixes it before permuting.
-        m = self._minhash(num_perm=self.config.num_perm, seed=self.config.seed, hashfunc=zlib.crc32,
-                          permutations=self._permutations, scheme=SCHEME)
+        m = self._minhash(
+            num_perm=self.config.num_perm,
+            seed=self.config.seed,
+            hashfunc=zlib.crc32,
+            permutations=self._permutations,
+            scheme=SCHEME,
+        )
         m.update_batch(shingles)
         return key, m.hashvalues
 
@@ -87,11 +94,12 @@ class Deduplicator:
         self._lsh = None
         if config.near:
             from datasketch import LeanMinHash, MinHashLSH
+
             self._lean = LeanMinHash
             self._lsh = MinHashLSH(threshold=config.threshold, num_perm=config.num_perm)
         self._next_key = 0
 
-    def is_duplicate(self, key: Optional[bytes], signature: Optional[np.ndarray]) -> Optional[str]:
+    def is_duplicate(self, key: bytes | None, signature: np.ndarray | None) -> str | None:
         """'exact', 'near', or None (then the document is remembered as seen)."""
         if key is not None:
             if key in self.seen:

@@ -11,6 +11,7 @@ Per stream (`data.sources`), in two passes over the input so memory stays flat f
 Then `stats.json` is written last, atomically, with a fingerprint of everything that shaped the output: a second
 call with the same config and inputs returns at once.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -22,16 +23,17 @@ import os
 import shutil
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any
 
 import numpy as np
 
 from . import corpus
 from .checks import as_dict, check_data_config
-from .clean import QualityFilter, CleanConfig, normalize
-from .dedup import Deduplicator, DedupConfig, Fingerprinter
+from .clean import CleanConfig, QualityFilter, normalize
+from .dedup import DedupConfig, Deduplicator, Fingerprinter
 from .shards import SPLITS, SplitWriter, split_dir, token_dtype, write_json_atomic
 from .sources import InputIssues, read_documents, resolve_files
 from .tokenizer import Tokenizer, add_special_tokens, extend_tokenizer, train_tokenizer
@@ -39,12 +41,23 @@ from .tokenizer import Tokenizer, add_special_tokens, extend_tokenizer, train_to
 logger = logging.getLogger(__name__)
 
 PIPELINE_VERSION = 1  # bump when a change here changes the shards for the same inputs
-PREPARATION_KEYS = ("sources", "text_field", "lang", "clean", "dedup", "tokenizer", "val_fraction", "val_min_docs",
-                    "shard_compression", "shard_size_limit", "max_line_bytes")
+PREPARATION_KEYS = (
+    "sources",
+    "text_field",
+    "lang",
+    "clean",
+    "dedup",
+    "tokenizer",
+    "val_fraction",
+    "val_min_docs",
+    "shard_compression",
+    "shard_size_limit",
+    "max_line_bytes",
+)
 STATS_FILE = "stats.json"
 TOKENIZER_FILE = "tokenizer.json"
-CHUNK_DOCS = 256          # documents per task sent to a worker
-CHUNK_CHARS = 1 << 21     # ... or fewer, when they are long
+CHUNK_DOCS = 256  # documents per task sent to a worker
+CHUNK_CHARS = 1 << 21  # ... or fewer, when they are long
 
 
 @dataclass
@@ -74,7 +87,7 @@ def _init_worker(clean_cfg: dict, dedup_cfg: dict, in_pool: bool) -> None:
     _STATE["tokenizers"] = {}
 
 
-def _clean_chunk(task: tuple[Optional[str], list[str]]) -> list[tuple]:
+def _clean_chunk(task: tuple[str | None, list[str]]) -> list[tuple]:
     """-> per document: (clean text or None, reject reason or None, exact key, MinHash signature)."""
     lang, texts = task
     quality, fingerprint = _STATE["filters"][lang], _STATE["fingerprint"]
@@ -143,8 +156,9 @@ def _chunks(texts: Iterable[str], head: Any) -> Iterator[tuple[Any, list[str]]]:
         yield head, chunk
 
 
-def _progress(total: Optional[int], desc: str, unit: str = "doc"):
+def _progress(total: int | None, desc: str, unit: str = "doc"):
     from tqdm.auto import tqdm
+
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True, mininterval=0.5)
 
 
@@ -157,7 +171,9 @@ def clean_stream(stream: str, files: list[str], cfg: dict, workers: Workers, cle
     drops: Counter = Counter()
 
     def texts() -> Iterator[str]:
-        for doc in read_documents(files, cfg.get("text_field", "text"), issues, int(cfg.get("max_line_bytes", 1 << 26))):
+        for doc in read_documents(
+            files, cfg.get("text_field", "text"), issues, int(cfg.get("max_line_bytes", 1 << 26))
+        ):
             counts["docs_in"] += 1
             counts["bytes_in"] += len(doc.text.encode("utf-8"))
             yield doc.text
@@ -180,15 +196,23 @@ def clean_stream(stream: str, files: list[str], cfg: dict, workers: Workers, cle
             bar.update(len(results))
     os.replace(tmp, clean_path)
     if not counts["docs_out"]:
-        raise RuntimeError(f"data.sources.{stream}: no document survived reading, cleaning and deduplication "
-                           f"(read {counts['docs_in']}; dropped {dict(drops)}; input issues "
-                           f"{dict(issues.counts)}); check the files, data.text_field and data.clean")
+        raise RuntimeError(
+            f"data.sources.{stream}: no document survived reading, cleaning and deduplication "
+            f"(read {counts['docs_in']}; dropped {dict(drops)}; input issues "
+            f"{dict(issues.counts)}); check the files, data.text_field and data.clean"
+        )
     filters = {k: v for k, v in drops.items() if not k.endswith("_duplicate")}
     return {
-        "lang": lang, "files": len(files), "docs_in": counts["docs_in"], "bytes_in": counts["bytes_in"],
-        "input_issues": issues.to_dict(), "filtered": dict(sorted(filters.items())),
+        "lang": lang,
+        "files": len(files),
+        "docs_in": counts["docs_in"],
+        "bytes_in": counts["bytes_in"],
+        "input_issues": issues.to_dict(),
+        "filtered": dict(sorted(filters.items())),
         "duplicates": {"exact": drops["exact_duplicate"], "near": drops["near_duplicate"]},
-        "docs_out": counts["docs_out"], "bytes_out": counts["bytes_out"], "chars_out": counts["chars_out"],
+        "docs_out": counts["docs_out"],
+        "bytes_out": counts["bytes_out"],
+        "chars_out": counts["chars_out"],
         "words_out": counts["words_out"],
     }
 
@@ -213,8 +237,10 @@ def tokenizer_sample(clean_paths: dict[str, str], stats: dict, tok_cfg: dict) ->
     budget = int(tok_cfg.get("sample_chars", 200_000_000))
     weights = {s: budget * shares[s] / total_share / max(stats[s]["chars_out"], 1) for s in clean_paths}
     expected_docs = int(sum(weights[s] * stats[s]["docs_out"] for s in clean_paths))
-    logger.info("tokenizer sample: %s", ", ".join(f"{s} x{w:.3g} of {stats[s]['chars_out']:,} chars"
-                                                  for s, w in weights.items()))
+    logger.info(
+        "tokenizer sample: %s",
+        ", ".join(f"{s} x{w:.3g} of {stats[s]['chars_out']:,} chars" for s, w in weights.items()),
+    )
 
     def texts() -> Iterator[str]:
         for stream, path in clean_paths.items():
@@ -224,18 +250,20 @@ def tokenizer_sample(clean_paths: dict[str, str], stats: dict, tok_cfg: dict) ->
             for i, text in enumerate(_clean_texts(path)):
                 for _ in range(int((i + 1) * weight) - int(i * weight)):
                     yield text
+
     return texts(), expected_docs
 
 
-def given_tokenizer(cfg: dict) -> Optional[Tokenizer]:
+def given_tokenizer(cfg: dict) -> Tokenizer | None:
     """The tokenizer named by data.tokenizer.path or .extend_from, loaded before out_dir is cleared (it may live there)."""
     tok_cfg = cfg.get("tokenizer") or {}
     path = tok_cfg.get("path") or tok_cfg.get("extend_from")
     return Tokenizer.load(expand_path(path)) if path else None
 
 
-def build_tokenizer(cfg: dict, given: Optional[Tokenizer], clean_paths: dict[str, str], stats: dict,
-                    path: str) -> tuple[Tokenizer, str]:
+def build_tokenizer(
+    cfg: dict, given: Tokenizer | None, clean_paths: dict[str, str], stats: dict, path: str
+) -> tuple[Tokenizer, str]:
     tok_cfg = cfg.get("tokenizer") or {}
     specials = list(tok_cfg.get("special_tokens") or [])
     vocab_size = int(tok_cfg.get("vocab_size", 32000))
@@ -247,7 +275,9 @@ def build_tokenizer(cfg: dict, given: Optional[Tokenizer], clean_paths: dict[str
         texts, length = tokenizer_sample(clean_paths, stats, tok_cfg)
         if tok_cfg.get("extend_from"):
             base = given
-            tokenizer = add_special_tokens(extend_tokenizer(base, texts, vocab_size, min_frequency, length=length), specials)
+            tokenizer = add_special_tokens(
+                extend_tokenizer(base, texts, vocab_size, min_frequency, length=length), specials
+            )
             origin = f"extended {tok_cfg['extend_from']} ({base.vocab_size} -> {tokenizer.vocab_size})"
         else:
             tokenizer = train_tokenizer(texts, vocab_size, min_frequency, specials, length=length)
@@ -270,12 +300,26 @@ def is_val(index: int, n_docs: int, n_val: int) -> bool:
     return (index + 1) * n_val // n_docs > index * n_val // n_docs
 
 
-def shard_stream(stream: str, clean_path: str, cfg: dict, workers: Workers, tokenizer: Tokenizer,
-                 tokenizer_path: str, out_dir: str, n_docs: int) -> dict:
+def shard_stream(
+    stream: str,
+    clean_path: str,
+    cfg: dict,
+    workers: Workers,
+    tokenizer: Tokenizer,
+    tokenizer_path: str,
+    out_dir: str,
+    n_docs: int,
+) -> dict:
     n_val = val_count(n_docs, float(cfg.get("val_fraction", 0.005)), int(cfg.get("val_min_docs", 100)))
-    writers = {split: SplitWriter(split_dir(out_dir, stream, split), tokenizer.vocab_size,
-                                  cfg.get("shard_compression"), int(cfg.get("shard_size_limit", 1 << 26)))
-               for split in SPLITS}
+    writers = {
+        split: SplitWriter(
+            split_dir(out_dir, stream, split),
+            tokenizer.vocab_size,
+            cfg.get("shard_compression"),
+            int(cfg.get("shard_size_limit", 1 << 26)),
+        )
+        for split in SPLITS
+    }
     index = 0
     chars = Counter()
     with _progress(n_docs, f"tokenize {stream}") as bar:
@@ -287,9 +331,14 @@ def shard_stream(stream: str, clean_path: str, cfg: dict, workers: Workers, toke
                 index += 1
             bar.update(len(results))
     meta = {split: writer.close() for split, writer in writers.items()}
-    return {"docs_train": meta["train"]["docs"], "docs_val": meta["val"]["docs"],
-            "tokens_train": meta["train"]["tokens"], "tokens_val": meta["val"]["tokens"],
-            "chars_train": chars["train"], "chars_val": chars["val"]}
+    return {
+        "docs_train": meta["train"]["docs"],
+        "docs_val": meta["val"]["docs"],
+        "tokens_train": meta["train"]["tokens"],
+        "tokens_val": meta["val"]["tokens"],
+        "chars_train": chars["train"],
+        "chars_val": chars["val"],
+    }
 
 
 # -- the whole preparation -----------------------------------------------------------------------------------------
@@ -330,7 +379,7 @@ def _exclusive(out_dir: str):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def load_prepared(out_dir: str, expected_fingerprint: Optional[str] = None) -> Optional[Prepared]:
+def load_prepared(out_dir: str, expected_fingerprint: str | None = None) -> Prepared | None:
     """The preparation in out_dir if it is complete (and matches the fingerprint, when one is given)."""
     path = os.path.join(out_dir, STATS_FILE)
     if not os.path.isfile(path):
@@ -345,7 +394,8 @@ def load_prepared(out_dir: str, expected_fingerprint: Optional[str] = None) -> O
     tokenizer_path = os.path.join(out_dir, TOKENIZER_FILE)
     streams = list(stats.get("streams", {}))
     complete = os.path.isfile(tokenizer_path) and all(
-        os.path.isfile(os.path.join(split_dir(out_dir, s, split), "index.json")) for s in streams for split in SPLITS)
+        os.path.isfile(os.path.join(split_dir(out_dir, s, split), "index.json")) for s in streams for split in SPLITS
+    )
     return Prepared(out_dir, tokenizer_path, streams, stats) if complete else None
 
 
@@ -377,8 +427,9 @@ def _prepare(cfg: dict, streams: list[str], out_dir: str, wanted: str) -> Prepar
     os.makedirs(os.path.join(out_dir, "clean"))
     logger.info("preparing %s into %s", cfg.get("name", "data"), out_dir)
 
-    sources = corpus.expand_embedded({s: list(v) if not isinstance(v, str) else [v]
-                                      for s, v in cfg["sources"].items()}, out_dir)
+    sources = corpus.expand_embedded(
+        {s: list(v) if not isinstance(v, str) else [v] for s, v in cfg["sources"].items()}, out_dir
+    )
     files = {stream: resolve_files(stream, sources[stream]) for stream in streams}
     n_workers = cfg.get("num_workers")
     n_workers = (os.cpu_count() or 1) if n_workers is None else int(n_workers)
@@ -401,8 +452,18 @@ def _prepare(cfg: dict, streams: list[str], out_dir: str, wanted: str) -> Prepar
 
         t = time.time()
         for stream in streams:
-            stats[stream].update(shard_stream(stream, clean_paths[stream], cfg, workers, tokenizer, tokenizer_path,
-                                              out_dir, stats[stream]["docs_out"]))
+            stats[stream].update(
+                shard_stream(
+                    stream,
+                    clean_paths[stream],
+                    cfg,
+                    workers,
+                    tokenizer,
+                    tokenizer_path,
+                    out_dir,
+                    stats[stream]["docs_out"],
+                )
+            )
             _add_ratios(stats[stream])
         timings["tokenize_shard_s"] = time.time() - t
     finally:
@@ -412,11 +473,21 @@ def _prepare(cfg: dict, streams: list[str], out_dir: str, wanted: str) -> Prepar
     timings["total_s"] = time.time() - started
 
     report = {
-        "fingerprint": wanted, "name": cfg.get("name"), "out_dir": out_dir, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "tokenizer": {"path": tokenizer_path, "origin": origin, "vocab_size": tokenizer.vocab_size,
-                      "eot_id": tokenizer.eot_id, "pad_id": tokenizer.pad_id,
-                      "special_tokens": tokenizer.special_tokens()},
-        "streams": stats, "num_workers": n_workers, "timings": {k: round(v, 3) for k, v in timings.items()},
+        "fingerprint": wanted,
+        "name": cfg.get("name"),
+        "out_dir": out_dir,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "tokenizer": {
+            "path": tokenizer_path,
+            "origin": origin,
+            "vocab_size": tokenizer.vocab_size,
+            "eot_id": tokenizer.eot_id,
+            "pad_id": tokenizer.pad_id,
+            "special_tokens": tokenizer.special_tokens(),
+        },
+        "streams": stats,
+        "num_workers": n_workers,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
         "settings": {k: cfg.get(k) for k in PREPARATION_KEYS},
     }
     print(format_report(report), flush=True)
@@ -449,7 +520,9 @@ def format_report(report: dict) -> str:
         ("documents read", [f"{streams[s]['docs_in']:,}" for s in names]),
     ]
     issue_kinds = sorted({k for s in names for k in streams[s]["input_issues"]["counts"]})
-    rows += [(f"  input: {k}", [str(streams[s]["input_issues"]["counts"].get(k, 0)) for s in names]) for k in issue_kinds]
+    rows += [
+        (f"  input: {k}", [str(streams[s]["input_issues"]["counts"].get(k, 0)) for s in names]) for k in issue_kinds
+    ]
     filter_kinds = sorted({k for s in names for k in streams[s]["filtered"]})
     rows += [(f"  dropped: {k}", [str(streams[s]["filtered"].get(k, 0)) for s in names]) for k in filter_kinds]
     rows += [
@@ -458,7 +531,10 @@ def format_report(report: dict) -> str:
         ("documents kept", [f"{streams[s]['docs_out']:,}" for s in names]),
         ("  train / val", [f"{streams[s]['docs_train']:,} / {streams[s]['docs_val']:,}" for s in names]),
         ("bytes in -> kept", [f"{_human(streams[s]['bytes_in'])} -> {_human(streams[s]['bytes_out'])}" for s in names]),
-        ("tokens train / val", [f"{_human(streams[s]['tokens_train'])} / {_human(streams[s]['tokens_val'])}" for s in names]),
+        (
+            "tokens train / val",
+            [f"{_human(streams[s]['tokens_train'])} / {_human(streams[s]['tokens_val'])}" for s in names],
+        ),
         ("tokens per char", [f"{streams[s]['tokens_per_char']:.3f}" for s in names]),
         ("tokens per word", [f"{streams[s]['tokens_per_word']:.3f}" for s in names]),
         ("Chinchilla-optimal params", [_human(streams[s]["chinchilla_params"]) for s in names]),
@@ -466,13 +542,17 @@ def format_report(report: dict) -> str:
     total_train = sum(streams[s]["tokens_train"] for s in names)
     width = max(len(r[0]) for r in rows)
     cols = [max(len(n), *(len(r[1][i]) for r in rows)) for i, n in enumerate(names)]
-    lines = [f"data report: {report['name']}  ({report['out_dir']})",
-             f"tokenizer: {report['tokenizer']['origin']}, vocabulary {report['tokenizer']['vocab_size']:,}",
-             " " * width + "  " + "  ".join(n.rjust(c) for n, c in zip(names, cols))]
+    lines = [
+        f"data report: {report['name']}  ({report['out_dir']})",
+        f"tokenizer: {report['tokenizer']['origin']}, vocabulary {report['tokenizer']['vocab_size']:,}",
+        " " * width + "  " + "  ".join(n.rjust(c) for n, c in zip(names, cols)),
+    ]
     lines += [label.ljust(width) + "  " + "  ".join(v.rjust(c) for v, c in zip(values, cols)) for label, values in rows]
-    lines.append(f"all streams: {_human(total_train)} training tokens -> Chinchilla-optimal model "
-                 f"~{_human(total_train / 20)} parameters; took {report['timings']['total_s']:.1f}s "
-                 f"with {report['num_workers']} worker(s)")
+    lines.append(
+        f"all streams: {_human(total_train)} training tokens -> Chinchilla-optimal model "
+        f"~{_human(total_train / 20)} parameters; took {report['timings']['total_s']:.1f}s "
+        f"with {report['num_workers']} worker(s)"
+    )
     for s in names:
         for kind, examples in streams[s]["input_issues"]["examples"].items():
             lines.append(f"  {s}: {kind}: {', '.join(examples[:3])}" + (" ..." if len(examples) > 3 else ""))
@@ -488,6 +568,7 @@ def _run(cfg) -> Prepared:
 def main() -> None:
     """Console script `ftlm-prepare`: a Hydra app over conf/ (use `data=...` and `data.*` overrides)."""
     from ftlm.config import hydra_app
+
     hydra_app()(_run)()
 
 

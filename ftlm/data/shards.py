@@ -7,11 +7,11 @@ Layout of `data.out_dir` (the same below `data.remote` when shards are served fr
                                    one document, no end-of-text: the loader inserts it), plus `ftlm.json` (counts)
     stats.json                     the report; written last, so its presence means the preparation is complete
 """
+
 from __future__ import annotations
 
 import json
 import os
-from typing import Optional
 
 import numpy as np
 
@@ -27,8 +27,11 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def split_dir(root: str, stream: str, split: str) -> str:
     """Directory (or URL) of one stream's split below a preparation root."""
-    return "/".join([root.rstrip("/"), "shards", stream, split]) if "://" in root else \
-        os.path.join(root, "shards", stream, split)
+    return (
+        "/".join([root.rstrip("/"), "shards", stream, split])
+        if "://" in root
+        else os.path.join(root, "shards", stream, split)
+    )
 
 
 def write_json_atomic(path: str, obj) -> None:
@@ -42,13 +45,18 @@ def write_json_atomic(path: str, obj) -> None:
 class SplitWriter:
     """MDS writer for one stream's split that also counts what it wrote."""
 
-    def __init__(self, directory: str, vocab_size: int, compression: Optional[str], size_limit: int):
+    def __init__(self, directory: str, vocab_size: int, compression: str | None, size_limit: int):
         from streaming import MDSWriter
+
         self.directory = directory
         self.dtype = token_dtype(vocab_size)
         self.vocab_size = vocab_size
-        self._writer = MDSWriter(columns={COLUMN: f"ndarray:{self.dtype.name}"}, out=directory,
-                                 compression=compression, size_limit=size_limit)
+        self._writer = MDSWriter(
+            columns={COLUMN: f"ndarray:{self.dtype.name}"},
+            out=directory,
+            compression=compression,
+            size_limit=size_limit,
+        )
         self.docs = 0
         self.tokens = 0
 
@@ -64,7 +72,7 @@ class SplitWriter:
         return meta
 
 
-def read_meta(directory: str, cache_dir: Optional[str] = None) -> Optional[dict]:
+def read_meta(directory: str, cache_dir: str | None = None) -> dict | None:
     """`ftlm.json` of a split directory or URL (downloaded into `cache_dir`), or None if it has none."""
     if "://" not in directory:
         path = os.path.join(directory, META_FILE)
@@ -72,6 +80,7 @@ def read_meta(directory: str, cache_dir: Optional[str] = None) -> Optional[dict]
             return None
     else:
         from streaming.base.storage import CloudDownloader
+
         path = os.path.join(cache_dir or ".", META_FILE)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         try:

@@ -5,6 +5,7 @@ optionally .gz/.zst for the text formats) is read as a sequence of `RawDoc`s. No
 malformed lines, bad bytes, empty files and the like are counted in an `InputIssues` with their file and line,
 and the reader goes on.
 """
+
 from __future__ import annotations
 
 import glob
@@ -14,8 +15,8 @@ import json
 import logging
 import os
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class RawDoc:
 @dataclass
 class InputIssues:
     """Counts of input problems, each with a few `file:line` examples for the report."""
+
     counts: Counter = field(default_factory=Counter)
     examples: dict = field(default_factory=dict)
 
@@ -62,8 +64,11 @@ def resolve_files(stream: str, patterns: Iterable[str]) -> list[str]:
     for pattern in patterns:
         pattern = os.path.abspath(os.path.expanduser(str(pattern)))
         if os.path.isdir(pattern):
-            found = sorted(p for p in glob.glob(os.path.join(pattern, "**", "*"), recursive=True)
-                           if os.path.isfile(p) and p.endswith(SUPPORTED))
+            found = sorted(
+                p
+                for p in glob.glob(os.path.join(pattern, "**", "*"), recursive=True)
+                if os.path.isfile(p) and p.endswith(SUPPORTED)
+            )
             if not found:
                 raise SourceError(f"data.sources.{stream}: directory {pattern} holds no {'/'.join(SUPPORTED)} file")
         elif glob.has_magic(pattern):
@@ -76,8 +81,9 @@ def resolve_files(stream: str, patterns: Iterable[str]) -> list[str]:
             raise SourceError(f"data.sources.{stream}: no such file or directory: {pattern}")
         for path in found:
             if not path.endswith(SUPPORTED):
-                raise SourceError(f"data.sources.{stream}: {path} is not one of the supported formats "
-                                  f"({', '.join(SUPPORTED)})")
+                raise SourceError(
+                    f"data.sources.{stream}: {path} is not one of the supported formats ({', '.join(SUPPORTED)})"
+                )
         files.extend(found)
     return list(dict.fromkeys(files))
 
@@ -87,6 +93,7 @@ def _open_binary(path: str) -> io.BufferedIOBase:
         return gzip.open(path, "rb")
     if path.endswith(".zst"):
         import zstandard
+
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
     return open(path, "rb")
 
@@ -177,6 +184,7 @@ def read_txt(path: str, issues: InputIssues, max_line_bytes: int) -> Iterator[Ra
 
 def read_parquet(path: str, text_field: str, issues: InputIssues) -> Iterator[RawDoc]:
     import pyarrow.parquet as pq
+
     try:
         parquet = pq.ParquetFile(path)
     except Exception as err:  # a truncated or foreign file must not stop the run
@@ -186,8 +194,12 @@ def read_parquet(path: str, text_field: str, issues: InputIssues) -> Iterator[Ra
         issues.add("empty_file", path, 0)
         return
     if text_field not in parquet.schema_arrow.names:
-        issues.add("missing_text_field", path, 0, f"no column '{text_field}' (data.text_field) in any of "
-                                                  f"{parquet.metadata.num_rows} rows")
+        issues.add(
+            "missing_text_field",
+            path,
+            0,
+            f"no column '{text_field}' (data.text_field) in any of {parquet.metadata.num_rows} rows",
+        )
         return
     row = 0
     for batch in parquet.iter_batches(columns=[text_field], batch_size=4096):
@@ -211,8 +223,7 @@ def read_parquet(path: str, text_field: str, issues: InputIssues) -> Iterator[Ra
                 yield RawDoc(value, path, row)
 
 
-def read_documents(files: list[str], text_field: str, issues: InputIssues,
-                   max_line_bytes: int) -> Iterator[RawDoc]:
+def read_documents(files: list[str], text_field: str, issues: InputIssues, max_line_bytes: int) -> Iterator[RawDoc]:
     """All documents of a stream's files, in file order then line order."""
     for path in files:
         stem = path[: -len(path.rsplit(".", 1)[1]) - 1] if path.endswith(COMPRESSION_SUFFIXES) else path

@@ -16,6 +16,7 @@ coordinates processes of one node; here nothing needs coordinating (every rank r
 makes the choice of shared-memory names atomic, so several nodes on one machine, several jobs, and several
 datasets in one process (train + one val per stream) never collide.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,8 +26,8 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Optional
 from unittest import mock
 
 import numpy as np
@@ -48,6 +49,7 @@ _WORLD_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 def _world_of_one():
     """Let streaming see a single process, with registration of its shared memory atomic across the machine."""
     import fcntl
+
     with open(os.path.join(tempfile.gettempdir(), "ftlm-streaming.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         saved = {k: os.environ.get(k) for k in _WORLD_ENV}
@@ -77,7 +79,9 @@ def _pid_alive(pid: int) -> bool:
 def _release_dead_caches(cache_root: str) -> None:
     """Remove cache folders of processes that died, and the shared memory that still names them."""
     from multiprocessing.shared_memory import SharedMemory
+
     from streaming.base.constant import LOCALS, SHM_TO_CLEAN
+
     dead = []
     for name in os.listdir(cache_root) if os.path.isdir(cache_root) else []:
         match = re.fullmatch(r"pid(\d+)", name)
@@ -113,9 +117,10 @@ def _is_compressed(directory: str) -> bool:
         return any(shard.get("compression") for shard in json.load(f).get("shards", []))
 
 
-def _stream(directory: str, cache_dir: str, proportion: Optional[float]):
+def _stream(directory: str, cache_dir: str, proportion: float | None):
     """A streaming.Stream reading `directory`: in place when it is local and uncompressed, else via the cache."""
     from streaming import Stream
+
     if "://" not in directory and not _is_compressed(directory):
         return Stream(local=directory, proportion=proportion)
     # Decompressing or downloading writes files: each process gets its own folder, so none races another.
@@ -124,18 +129,32 @@ def _stream(directory: str, cache_dir: str, proportion: Optional[float]):
     return Stream(remote=directory, local=os.path.join(root, f"pid{os.getpid()}"), proportion=proportion)
 
 
-def open_dataset(directories: list[str], cache_dir: str, proportions: Optional[list[float]] = None,
-                 epoch_size: Optional[int] = None, cache_limit: Optional[str] = None, seed: int = 0):
+def open_dataset(
+    directories: list[str],
+    cache_dir: str,
+    proportions: list[float] | None = None,
+    epoch_size: int | None = None,
+    cache_limit: str | None = None,
+    seed: int = 0,
+):
     """A StreamingDataset over split directories (local paths or URLs), read by index."""
     from streaming import StreamingDataset
+
     proportions = proportions or [None] * len(directories)
     with _world_of_one():
         streams = [_stream(d, cache_dir, p) for d, p in zip(directories, proportions)]
-        return StreamingDataset(streams=streams, shuffle=False, batch_size=1, epoch_size=epoch_size,
-                                cache_limit=cache_limit, shuffle_seed=seed, sampling_method="balanced")
+        return StreamingDataset(
+            streams=streams,
+            shuffle=False,
+            batch_size=1,
+            epoch_size=epoch_size,
+            cache_limit=cache_limit,
+            shuffle_seed=seed,
+            sampling_method="balanced",
+        )
 
 
-def read_split(directory: str, cache_dir: Optional[str] = None) -> list[np.ndarray]:
+def read_split(directory: str, cache_dir: str | None = None) -> list[np.ndarray]:
     """Every document's tokens of one split, in order (for tests and inspection)."""
     meta = read_meta(directory)
     if meta is not None and meta["docs"] == 0:
@@ -154,8 +173,10 @@ def _prepared(cfg: dict) -> tuple[str, Tokenizer]:
     out_dir = expand_path(cfg["out_dir"])
     tokenizer_path = os.path.join(out_dir, TOKENIZER_FILE)
     if not os.path.isfile(os.path.join(out_dir, STATS_FILE)) or not os.path.isfile(tokenizer_path):
-        raise FileNotFoundError(f"no prepared data in data.out_dir={out_dir}: run `ftlm-prepare` with the same data "
-                                f"config first (ftlm-train does it by itself)")
+        raise FileNotFoundError(
+            f"no prepared data in data.out_dir={out_dir}: run `ftlm-prepare` with the same data "
+            f"config first (ftlm-train does it by itself)"
+        )
     root = cfg.get("remote") or out_dir
     return root, Tokenizer.load(tokenizer_path)
 
@@ -172,8 +193,18 @@ def _split_meta(root: str, stream: str, split: str, cache_dir: str) -> dict:
 class PackedTrainLoader:
     """Endless (micro_batch_size, seq_len + 1) LongTensors for one rank; `state_dict()` resumes exactly."""
 
-    def __init__(self, dataset, stream_names: list[str], seq_len: int, micro_batch_size: int, rank: int,
-                 world_size: int, seed: int, eot_id: int, signature: dict):
+    def __init__(
+        self,
+        dataset,
+        stream_names: list[str],
+        seq_len: int,
+        micro_batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        eot_id: int,
+        signature: dict,
+    ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         if dataset.epoch_size < world_size:
@@ -197,7 +228,7 @@ class PackedTrainLoader:
             _, ids = self.dataset.resample_streams(epoch)  # the Streams' proportions, resampled per epoch
             ids = ids[np.random.default_rng([self.seed, epoch]).permutation(len(ids))]
             self._order_epoch, self._order_all = epoch, ids
-        return self._order_all[self._start + self.rank::self.world_size]
+        return self._order_all[self._start + self.rank :: self.world_size]
 
     def _document(self) -> np.ndarray:
         order = self._epoch_order(self._epoch)
@@ -213,7 +244,7 @@ class PackedTrainLoader:
             self._doc_key = key
         return self._doc
 
-    def __iter__(self) -> "PackedTrainLoader":
+    def __iter__(self) -> PackedTrainLoader:
         return self
 
     def __next__(self) -> torch.Tensor:
@@ -223,7 +254,7 @@ class PackedTrainLoader:
         while filled < flat.size:
             doc = self._document()
             take = min(flat.size - filled, len(doc) - self._offset)
-            flat[filled:filled + take] = doc[self._offset:self._offset + take]
+            flat[filled : filled + take] = doc[self._offset : self._offset + take]
             self.tokens_per_stream[self._doc_stream] += take
             filled += take
             self._offset += take
@@ -243,24 +274,37 @@ class PackedTrainLoader:
         """
         cursors = {str(self.rank): self._cursor()}
         dist = torch.distributed
-        if self.world_size > 1 and dist.is_available() and dist.is_initialized() and \
-                dist.get_world_size() == self.world_size:
+        if (
+            self.world_size > 1
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size() == self.world_size
+        ):
             gathered: list = [None] * self.world_size
             dist.all_gather_object(gathered, cursors)
             cursors = {k: v for part in gathered for k, v in part.items()}
-        return {"version": STATE_VERSION, "world_size": self.world_size, "seed": self.seed,
-                "signature": self.signature, "ranks": cursors}
+        return {
+            "version": STATE_VERSION,
+            "world_size": self.world_size,
+            "seed": self.seed,
+            "signature": self.signature,
+            "ranks": cursors,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
         if state.get("signature") != self.signature or state.get("seed") != self.seed:
-            logger.warning("the data mix, epoch size, corpus or seed changed since this loader state was saved: "
-                           "resuming at the same position of a different document order")
+            logger.warning(
+                "the data mix, epoch size, corpus or seed changed since this loader state was saved: "
+                "resuming at the same position of a different document order"
+            )
         ranks = state["ranks"]
         if state["world_size"] == self.world_size and str(self.rank) in ranks:
             cursor = ranks[str(self.rank)]
-            self._epoch, self._start, self._pos, self._offset = (int(cursor[k]) for k in ("epoch", "start", "pos", "offset"))
+            self._epoch, self._start, self._pos, self._offset = (
+                int(cursor[k]) for k in ("epoch", "start", "pos", "offset")
+            )
         else:
             self._resume_elastic(state)
         self._doc_key = None
@@ -271,12 +315,17 @@ class PackedTrainLoader:
         epoch = min(c["epoch"] for c in cursors)
         done = min(c["start"] + c["pos"] * old_world for c in cursors if c["epoch"] == epoch)
         self._epoch, self._start, self._pos, self._offset = epoch, done, 0, 0
-        logger.warning("resuming the data loader saved by %d rank(s) on %d rank(s): approximate; epoch %d restarts "
-                       "after its first %d documents (some documents may be seen twice)",
-                       old_world, self.world_size, epoch, done)
+        logger.warning(
+            "resuming the data loader saved by %d rank(s) on %d rank(s): approximate; epoch %d restarts "
+            "after its first %d documents (some documents may be seen twice)",
+            old_world,
+            self.world_size,
+            epoch,
+            done,
+        )
 
 
-def _mix_proportions(cfg: dict, streams: list[str], metas: dict[str, dict]) -> tuple[list[str], Optional[list[float]]]:
+def _mix_proportions(cfg: dict, streams: list[str], metas: dict[str, dict]) -> tuple[list[str], list[float] | None]:
     """Streams to train on, and each one's streaming proportion (documents) for its share of tokens."""
     mix = check_mix(cfg, streams)
     if not mix:
@@ -290,8 +339,9 @@ def _mix_proportions(cfg: dict, streams: list[str], metas: dict[str, dict]) -> t
     return used, [w / sum(weights) for w in weights]
 
 
-def build_train_loader(data_cfg, seq_len: int, micro_batch_size: int, rank: int, world_size: int,
-                       seed: int) -> PackedTrainLoader:
+def build_train_loader(
+    data_cfg, seq_len: int, micro_batch_size: int, rank: int, world_size: int, seed: int
+) -> PackedTrainLoader:
     cfg = as_dict(data_cfg)
     streams = stream_names(cfg)
     check_mix(cfg, streams)
@@ -301,15 +351,29 @@ def build_train_loader(data_cfg, seq_len: int, micro_batch_size: int, rank: int,
     cache_dir = cfg.get("cache_dir") or default_cache_dir()
     metas = {s: _split_meta(root, s, "train", cache_dir) for s in streams}
     used, proportions = _mix_proportions(cfg, streams, metas)
-    dataset = open_dataset([split_dir(root, s, "train") for s in used], cache_dir, proportions,
-                           epoch_size=cfg.get("epoch_size"), cache_limit=cfg.get("cache_limit"), seed=seed)
-    signature = {"streams": used, "proportions": proportions, "epoch_size": dataset.epoch_size,
-                 "docs": [metas[s]["docs"] for s in used]}
-    loader = PackedTrainLoader(dataset, used, seq_len, micro_batch_size, rank, world_size, seed, tokenizer.eot_id,
-                               signature)
-    logger.info("training data: %s; %d documents per epoch over %d rank(s)",
-                ", ".join(f"{s} {(cfg.get('mix') or {}).get(s, 'natural')}" for s in used), dataset.epoch_size,
-                world_size)
+    dataset = open_dataset(
+        [split_dir(root, s, "train") for s in used],
+        cache_dir,
+        proportions,
+        epoch_size=cfg.get("epoch_size"),
+        cache_limit=cfg.get("cache_limit"),
+        seed=seed,
+    )
+    signature = {
+        "streams": used,
+        "proportions": proportions,
+        "epoch_size": dataset.epoch_size,
+        "docs": [metas[s]["docs"] for s in used],
+    }
+    loader = PackedTrainLoader(
+        dataset, used, seq_len, micro_batch_size, rank, world_size, seed, tokenizer.eot_id, signature
+    )
+    logger.info(
+        "training data: %s; %d documents per epoch over %d rank(s)",
+        ", ".join(f"{s} {(cfg.get('mix') or {}).get(s, 'natural')}" for s in used),
+        dataset.epoch_size,
+        world_size,
+    )
     return loader
 
 
@@ -321,8 +385,9 @@ class PackedValLoader:
     waits on a rank that ran out; a rank whose share of the split is too short starts over from its beginning.
     """
 
-    def __init__(self, dataset, seq_len: int, micro_batch_size: int, rank: int, world_size: int, n_batches: int,
-                 eot_id: int):
+    def __init__(
+        self, dataset, seq_len: int, micro_batch_size: int, rank: int, world_size: int, n_batches: int, eot_id: int
+    ):
         self.dataset = dataset
         self.row, self.micro_batch_size = seq_len + 1, micro_batch_size
         self.n_batches = n_batches
@@ -347,15 +412,16 @@ class PackedValLoader:
             filled = 0
             while filled < batch.size:
                 take = min(batch.size - filled, len(doc) - offset)
-                batch[filled:filled + take] = doc[offset:offset + take]
+                batch[filled : filled + take] = doc[offset : offset + take]
                 filled, offset = filled + take, offset + take
                 if offset == len(doc):
                     doc, offset = next(docs), 0
             yield torch.from_numpy(batch.reshape(self.micro_batch_size, self.row))
 
 
-def build_val_loaders(data_cfg, seq_len: int, micro_batch_size: int, rank: int, world_size: int,
-                      max_batches: int) -> dict[str, PackedValLoader]:
+def build_val_loaders(
+    data_cfg, seq_len: int, micro_batch_size: int, rank: int, world_size: int, max_batches: int
+) -> dict[str, PackedValLoader]:
     cfg = as_dict(data_cfg)
     streams = stream_names(cfg)
     root, tokenizer = _prepared(cfg)
@@ -369,6 +435,7 @@ def build_val_loaders(data_cfg, seq_len: int, micro_batch_size: int, rank: int, 
         per_batch = world_size * micro_batch_size * (seq_len + 1)
         n_batches = max(1, min(int(max_batches), (meta["tokens"] + meta["docs"]) // per_batch))
         dataset = open_dataset([split_dir(root, stream, "val")], cache_dir, cache_limit=cfg.get("cache_limit"))
-        loaders[stream] = PackedValLoader(dataset, seq_len, micro_batch_size, rank, world_size, n_batches,
-                                          tokenizer.eot_id)
+        loaders[stream] = PackedValLoader(
+            dataset, seq_len, micro_batch_size, rank, world_size, n_batches, tokenizer.eot_id
+        )
     return loaders

@@ -5,13 +5,14 @@ whole word when it meets a rare syllable such as 똻; this cannot). The normalis
 jamo and precomposed syllables encode the same. The whole tokenizer, special tokens included, is one
 `tokenizer.json` that `transformers.PreTrainedTokenizerFast(tokenizer_file=...)` loads as is.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import os
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
-from typing import Iterable, Optional, Sequence
 
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
@@ -25,7 +26,9 @@ PAD = "<|pad|>"
 @lru_cache(maxsize=1)
 def _byte_of_char() -> dict[str, int]:
     """Inverse of GPT-2's bytes_to_unicode: the printable stand-in character of each byte -> the byte."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = keep[:]
     extra = 0
     for b in range(256):
@@ -51,7 +54,7 @@ class Tokenizer:
 
     # -- loading and saving ------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str) -> "Tokenizer":
+    def load(cls, path: str) -> Tokenizer:
         path = os.path.expanduser(str(path))
         if os.path.isdir(path):
             path = os.path.join(path, "tokenizer.json")
@@ -91,12 +94,14 @@ class Tokenizer:
         return [t.content for t in self._tok.get_added_tokens_decoder().values() if t.special]
 
     def is_byte_level(self) -> bool:
-        return isinstance(self._tok.pre_tokenizer, pre_tokenizers.ByteLevel) or \
-            isinstance(self._tok.decoder, decoders.ByteLevel)
+        return isinstance(self._tok.pre_tokenizer, pre_tokenizers.ByteLevel) or isinstance(
+            self._tok.decoder, decoders.ByteLevel
+        )
 
     def token_byte_lengths(self):
         """LongTensor[vocab_size]: UTF-8 bytes each token stands for (0 for special tokens), for bits per byte."""
         import torch
+
         lengths = torch.zeros(self.vocab_size, dtype=torch.long)
         specials = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
         byte_of = _byte_of_char() if self.is_byte_level() else None
@@ -122,16 +127,28 @@ def _new_byte_level_bpe() -> _HFTokenizer:
     return tok
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
-                    extra_special_tokens: Sequence[str] = (), length: Optional[int] = None,
-                    show_progress: bool = True) -> Tokenizer:
+def train_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int,
+    min_frequency: int = 2,
+    extra_special_tokens: Sequence[str] = (),
+    length: int | None = None,
+    show_progress: bool = True,
+) -> Tokenizer:
     specials = list(dict.fromkeys([EOT, PAD, *extra_special_tokens]))
     if vocab_size < 256 + len(specials) + 1:
-        raise ValueError(f"data.tokenizer.vocab_size={vocab_size} is too small: a byte-level BPE needs at least "
-                         f"256 byte tokens plus {len(specials)} special tokens")
+        raise ValueError(
+            f"data.tokenizer.vocab_size={vocab_size} is too small: a byte-level BPE needs at least "
+            f"256 byte tokens plus {len(specials)} special tokens"
+        )
     tok = _new_byte_level_bpe()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
     tok.train_from_iterator(texts, trainer=trainer, length=length)
     return Tokenizer(tok)
 
@@ -143,8 +160,14 @@ def add_special_tokens(tokenizer: Tokenizer, tokens: Sequence[str]) -> Tokenizer
     return tokenizer
 
 
-def extend_tokenizer(base: Tokenizer, texts: Iterable[str], new_vocab_size: int, min_frequency: int = 2,
-                     length: Optional[int] = None, show_progress: bool = True) -> Tokenizer:
+def extend_tokenizer(
+    base: Tokenizer,
+    texts: Iterable[str],
+    new_vocab_size: int,
+    min_frequency: int = 2,
+    length: int | None = None,
+    show_progress: bool = True,
+) -> Tokenizer:
     """Add the tokens a BPE trained on `texts` has and `base` lacks (the Llama-2-Ko recipe).
 
     Every existing token keeps its id, so a model trained with `base` keeps its embeddings; new tokens and their

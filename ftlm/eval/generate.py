@@ -6,6 +6,7 @@
 Text is printed as the tokens come. A byte-level tokenizer may split one Hangul syllable (three UTF-8 bytes)
 across tokens, so StreamDecoder holds back a piece until it decodes to complete characters.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,17 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, eos_id: int | None = None, use_cache: bool = True, generator=None):
+def generate(
+    model,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_id: int | None = None,
+    use_cache: bool = True,
+    generator=None,
+):
     """Yield new token ids one at a time. temperature 0 is greedy decoding.
 
     Stops after max_new_tokens, at eos_id (which is yielded), or when the sequence reaches model.max_seq_len.
@@ -104,16 +114,23 @@ class StreamDecoder:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ftlm-generate", description="Continue a prompt with a trained model, "
-                                     "printing the text as it is generated.")
+    parser = argparse.ArgumentParser(
+        prog="ftlm-generate",
+        description="Continue a prompt with a trained model, printing the text as it is generated.",
+    )
     parser.add_argument("source", help=SOURCE_HELP)
     parser.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
     parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy decoding (default 0.8)")
-    parser.add_argument("--top-k", type=int, default=50,
-                        help="sample among the k most likely tokens; 0: all (default 50)")
-    parser.add_argument("--top-p", type=float, default=0.95, help="sample among the most likely tokens holding this "
-                                                                  "probability mass; 1: all (default 0.95)")
+    parser.add_argument(
+        "--top-k", type=int, default=50, help="sample among the k most likely tokens; 0: all (default 50)"
+    )
+    parser.add_argument(
+        "--top-p",
+        type=float,
+        default=0.95,
+        help="sample among the most likely tokens holding this probability mass; 1: all (default 0.95)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling (default: different every run)")
     parser.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16")
@@ -125,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--max-new-tokens, --temperature and --top-k must not be negative; --top-p must be in (0, 1]")
     try:
         device = resolve_device(args.device)
-        loaded = load(args.source, device=device, dtype=resolve_dtype(args.dtype, device),
-                      expected_config=args.config)
+        loaded = load(args.source, device=device, dtype=resolve_dtype(args.dtype, device), expected_config=args.config)
     except (FileNotFoundError, CheckpointError, ValueError) as e:
         print(f"ftlm-generate: error: {e}", file=sys.stderr)
         return 1
@@ -135,12 +151,19 @@ def main(argv: list[str] | None = None) -> int:
     prompt_ids = tokenizer.encode(args.prompt) if args.prompt else [tokenizer.eot_id]
     limit = model.cfg.max_seq_len - 1
     if len(prompt_ids) > limit:
-        log.warning("the prompt has %d tokens; keeping its last %d (model.max_seq_len=%d)", len(prompt_ids), limit,
-                    model.cfg.max_seq_len)
+        log.warning(
+            "the prompt has %d tokens; keeping its last %d (model.max_seq_len=%d)",
+            len(prompt_ids),
+            limit,
+            model.cfg.max_seq_len,
+        )
         prompt_ids = prompt_ids[-limit:]
     if args.max_new_tokens > model.cfg.max_seq_len - len(prompt_ids):
-        log.warning("generating at most %d tokens: the model's context is %d tokens",
-                    model.cfg.max_seq_len - len(prompt_ids), model.cfg.max_seq_len)
+        log.warning(
+            "generating at most %d tokens: the model's context is %d tokens",
+            model.cfg.max_seq_len - len(prompt_ids),
+            model.cfg.max_seq_len,
+        )
     generator = torch.Generator(device=device)
     if args.seed is not None:
         generator.manual_seed(args.seed)
@@ -152,8 +175,16 @@ def main(argv: list[str] | None = None) -> int:
     out.flush()
     stream = StreamDecoder(tokenizer)
     start, n = time.perf_counter(), 0
-    for token in generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                          eos_id=tokenizer.eot_id, generator=generator):
+    for token in generate(
+        model,
+        prompt_ids,
+        args.max_new_tokens,
+        args.temperature,
+        args.top_k,
+        args.top_p,
+        eos_id=tokenizer.eot_id,
+        generator=generator,
+    ):
         n += 1
         if token == tokenizer.eot_id:
             break

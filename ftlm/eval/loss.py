@@ -1,4 +1,5 @@
 """Validation loss and bits per byte, per stream, averaged over every rank's batches."""
+
 from __future__ import annotations
 
 import math
@@ -32,11 +33,17 @@ def evaluate(model, loaders: dict, device: torch.device, token_bytes: torch.Tens
                 batch = batch.to(device)
                 x, y = batch[:, :-1], batch[:, 1:]
             logits, _ = model(x)
-            nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
-                                  ignore_index=IGNORE_INDEX, reduction="sum")
+            nll = F.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+            )
             counted = y[y != IGNORE_INDEX]
-            sums += torch.stack([nll.double(), torch.tensor(counted.numel(), dtype=torch.float64, device=device),
-                                 token_bytes[counted].sum().double()])
+            sums += torch.stack(
+                [
+                    nll.double(),
+                    torch.tensor(counted.numel(), dtype=torch.float64, device=device),
+                    token_bytes[counted].sum().double(),
+                ]
+            )
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(sums)
         nats, tokens, nbytes = sums.tolist()

@@ -8,6 +8,7 @@ into windows of seq_len predictions; every text token is predicted exactly once,
 are context only, so bits per byte measure the text's own bytes. Bits per byte divide by UTF-8 bytes, not
 tokens, so models with different tokenizers compare on the same files.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,8 @@ import json
 import logging
 import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -47,8 +48,9 @@ def read_documents(path: Path, text_key: str = "text") -> list[str]:
                 continue
             docs.append(text)
     if bad:
-        log.warning("%s: skipped %d malformed line(s) without a string '%s' (first: %s)", path, bad, text_key,
-                    first_bad)
+        log.warning(
+            "%s: skipped %d malformed line(s) without a string '%s' (first: %s)", path, bad, text_key, first_bad
+        )
     return docs
 
 
@@ -64,23 +66,27 @@ def token_stream(docs: list[str], tokenizer) -> tuple[torch.Tensor, torch.Tensor
     return ids_t, targets
 
 
-def windows(ids: torch.Tensor, targets: torch.Tensor, seq_len: int,
-            batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def windows(
+    ids: torch.Tensor, targets: torch.Tensor, seq_len: int, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(inputs, targets) batches of (B, seq_len). Window i predicts positions i*seq_len+1 .. (i+1)*seq_len, so
     every position after the first is predicted exactly once; the last window is shorter rather than dropped."""
     n = ids.numel()
     starts = list(range(0, max(n - 1, 0), seq_len))
     full = [s for s in starts if s + seq_len < n]
     for i in range(0, len(full), batch_size):
-        group = full[i:i + batch_size]
-        yield (torch.stack([ids[s:s + seq_len] for s in group]),
-               torch.stack([targets[s + 1:s + seq_len + 1] for s in group]))
-    for s in starts[len(full):]:
-        yield ids[s:n - 1].unsqueeze(0), targets[s + 1:n].unsqueeze(0)
+        group = full[i : i + batch_size]
+        yield (
+            torch.stack([ids[s : s + seq_len] for s in group]),
+            torch.stack([targets[s + 1 : s + seq_len + 1] for s in group]),
+        )
+    for s in starts[len(full) :]:
+        yield ids[s : n - 1].unsqueeze(0), targets[s + 1 : n].unsqueeze(0)
 
 
-def evaluate_files(model, tokenizer, files: list[Path], seq_len: int, batch_size: int, device,
-                   text_key: str = "text") -> dict[str, dict[str, float]]:
+def evaluate_files(
+    model, tokenizer, files: list[Path], seq_len: int, batch_size: int, device, text_key: str = "text"
+) -> dict[str, dict[str, float]]:
     """{file: {loss, bpb, tokens, bytes}} plus "overall" (weighted by tokens and by bytes)."""
     from tqdm import tqdm
 
@@ -95,19 +101,26 @@ def evaluate_files(model, tokenizer, files: list[Path], seq_len: int, batch_size
             continue
         full, rest = divmod(ids.numel() - 1, seq_len)
         n_batches = math.ceil(full / batch_size) + (rest > 0)  # as many as windows() yields
-        batches = tqdm(windows(ids, targets, seq_len, batch_size), desc=path.name, unit="batch", total=n_batches,
-                       leave=False)
+        batches = tqdm(
+            windows(ids, targets, seq_len, batch_size), desc=path.name, unit="batch", total=n_batches, leave=False
+        )
         name = str(path)
         val = evaluate(model, {name: batches}, device, token_bytes)
-        results[name] = {"loss": val[f"val/{name}/loss"], "bpb": val[f"val/{name}/bpb"],
-                         "tokens": n_tokens, "bytes": n_bytes}
+        results[name] = {
+            "loss": val[f"val/{name}/loss"],
+            "bpb": val[f"val/{name}/bpb"],
+            "tokens": n_tokens,
+            "bytes": n_bytes,
+        }
     if results:
         tokens = sum(r["tokens"] for r in results.values())
         nbytes = sum(r["bytes"] for r in results.values())
         results["overall"] = {
             "loss": sum(r["loss"] * r["tokens"] for r in results.values()) / tokens,
             "bpb": sum(r["bpb"] * r["bytes"] for r in results.values()) / max(nbytes, 1),
-            "tokens": tokens, "bytes": nbytes}
+            "tokens": tokens,
+            "bytes": nbytes,
+        }
     return results
 
 
@@ -116,8 +129,9 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     lines = [f"{'file':<{width}}  {'tokens':>10}  {'bytes':>11}  {'loss':>7}  {'ppl':>9}  {'bits/byte':>9}"]
     for name, r in results.items():
         ppl = math.exp(r["loss"]) if r["loss"] < 700 else float("inf")
-        lines.append(f"{name:<{width}}  {r['tokens']:>10,}  {r['bytes']:>11,}  {r['loss']:>7.4f}  {ppl:>9.2f}  "
-                     f"{r['bpb']:>9.4f}")
+        lines.append(
+            f"{name:<{width}}  {r['tokens']:>10,}  {r['bytes']:>11,}  {r['loss']:>7.4f}  {ppl:>9.2f}  {r['bpb']:>9.4f}"
+        )
     return "\n".join(lines)
 
 
@@ -125,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ftlm-eval", description="Loss and bits per byte on text files.")
     parser.add_argument("source", help=SOURCE_HELP)
     parser.add_argument("files", nargs="+", type=Path, help=".txt (one document) or .jsonl (one per line) files")
-    parser.add_argument("--seq-len", type=int, default=None, help="tokens predicted per window (default: the "
-                                                                  "model's max_seq_len)")
+    parser.add_argument(
+        "--seq-len", type=int, default=None, help="tokens predicted per window (default: the model's max_seq_len)"
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     parser.add_argument("--text-key", default="text", help="the field holding the text in .jsonl lines (default text)")
     parser.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:N")
@@ -143,13 +158,13 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             raise FileNotFoundError(f"no such file: {', '.join(missing)}")
         device = resolve_device(args.device)
-        loaded = load(args.source, device=device, dtype=resolve_dtype(args.dtype, device),
-                      expected_config=args.config)
+        loaded = load(args.source, device=device, dtype=resolve_dtype(args.dtype, device), expected_config=args.config)
         seq_len = args.seq_len or loaded.model.cfg.max_seq_len
         if seq_len > loaded.model.cfg.max_seq_len:
             raise ValueError(f"--seq-len {seq_len} is longer than model.max_seq_len={loaded.model.cfg.max_seq_len}")
-        results = evaluate_files(loaded.model, loaded.tokenizer, args.files, seq_len, args.batch_size, device,
-                                 args.text_key)
+        results = evaluate_files(
+            loaded.model, loaded.tokenizer, args.files, seq_len, args.batch_size, device, args.text_key
+        )
     except (FileNotFoundError, CheckpointError, ValueError) as e:
         print(f"ftlm-eval: error: {e}", file=sys.stderr)
         return 1

@@ -3,6 +3,7 @@
 Importing this package is cheap and works without triton or a GPU: the Triton modules are imported on
 first use. Plain PyTorch versions of every op live in ftlm.kernels.reference.
 """
+
 from ftlm.kernels import reference
 from ftlm.kernels.cross_entropy import cross_entropy
 
@@ -10,8 +11,10 @@ __all__ = ["flash_attention", "layer_norm", "rms_norm", "cross_entropy", "refere
 
 
 def _triton_unavailable(op, error):
-    return RuntimeError(f"ftlm.kernels.{op} needs triton, which could not be imported ({error}); install triton or "
-                        "choose model.attn_impl=sdpa / model.norm_impl=torch.")
+    return RuntimeError(
+        f"ftlm.kernels.{op} needs triton, which could not be imported ({error}); install triton or "
+        "choose model.attn_impl=sdpa / model.norm_impl=torch."
+    )
 
 
 def flash_attention(q, k, v, causal=True, softmax_scale=None):

@@ -16,6 +16,7 @@ On a CPU tensor the kernels run only under TRITON_INTERPRET=1 (Triton's interpre
 kernels are wrapped with triton.jit at first launch rather than at import, so the interpreter/compiled
 choice follows the environment at launch time.
 """
+
 import math
 
 import torch
@@ -29,14 +30,36 @@ INTERPRETER_BLOCK_M = 32
 INTERPRETER_BLOCK_N = 32
 
 
-def _attn_fwd(Q, K, V, O, LSE,
-              stride_qb, stride_qh, stride_qt,
-              stride_kb, stride_kh, stride_ks,
-              stride_vb, stride_vh, stride_vs,
-              stride_ob, stride_oh, stride_ot,
-              H, T, S, N_REP, qk_scale,
-              D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _attn_fwd(
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    H,
+    T,
+    S,
+    N_REP,
+    qk_scale,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     # Causal: the last query blocks see the most keys; launching them first shortens the tail of the grid.
     start_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
     bh = tl.program_id(1)
@@ -50,8 +73,11 @@ def _attn_fwd(Q, K, V, O, LSE,
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-                mask=(offs_m[:, None] < T) & d_ok[None, :], other=0.0)
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+        mask=(offs_m[:, None] < T) & d_ok[None, :],
+        other=0.0,
+    )
     k_base = K + b * stride_kb + h_kv * stride_kh
     v_base = V + b * stride_vb + h_kv * stride_vh
 
@@ -72,8 +98,9 @@ def _attn_fwd(Q, K, V, O, LSE,
 
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
-        k = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None],
-                    mask=(cols[None, :] < S) & d_ok[:, None], other=0.0)
+        k = tl.load(
+            k_base + cols[None, :] * stride_ks + offs_d[:, None], mask=(cols[None, :] < S) & d_ok[:, None], other=0.0
+        )
         qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale
         if start_n >= unmasked_end:
             keep = cols[None, :] < S
@@ -86,8 +113,9 @@ def _attn_fwd(Q, K, V, O, LSE,
         p = tl.math.exp2(qk - m_ref[:, None])
         alpha = tl.math.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :],
-                    mask=(cols[:, None] < S) & d_ok[None, :], other=0.0)
+        v = tl.load(
+            v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=(cols[:, None] < S) & d_ok[None, :], other=0.0
+        )
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
 
@@ -98,15 +126,29 @@ def _attn_fwd(Q, K, V, O, LSE,
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
     row_ok = offs_m < T
     tl.store(LSE + bh.to(tl.int64) * T + offs_m, lse, mask=row_ok)
-    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
-             acc.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(
+        O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+        acc.to(O.dtype.element_ty),
+        mask=row_ok[:, None] & d_ok[None, :],
+    )
 
 
-def _attn_bwd_delta(O, DO, DELTA,
-                    stride_ob, stride_oh, stride_ot,
-                    stride_dob, stride_doh, stride_dot,
-                    H, T,
-                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+def _attn_bwd_delta(
+    O,
+    DO,
+    DELTA,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    stride_dob,
+    stride_doh,
+    stride_dot,
+    H,
+    T,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     """delta_i = sum_d O_id dO_id, the row term of the softmax backward."""
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -115,23 +157,56 @@ def _attn_bwd_delta(O, DO, DELTA,
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
-                 mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(
+        O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :], mask=mask, other=0.0
+    ).to(tl.float32)
+    do = tl.load(
+        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :], mask=mask, other=0.0
+    ).to(tl.float32)
     tl.store(DELTA + bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
 
 
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
-                   stride_qb, stride_qh, stride_qt,
-                   stride_kb, stride_kh, stride_ks,
-                   stride_vb, stride_vh, stride_vs,
-                   stride_dob, stride_doh, stride_dot,
-                   stride_dkb, stride_dkh, stride_dks,
-                   stride_dvb, stride_dvh, stride_dvs,
-                   H, H_KV, T, S, N_REP, qk_scale, sm_scale,
-                   D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _attn_bwd_dkdv(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_dob,
+    stride_doh,
+    stride_dot,
+    stride_dkb,
+    stride_dkh,
+    stride_dks,
+    stride_dvb,
+    stride_dvh,
+    stride_dvs,
+    H,
+    H_KV,
+    T,
+    S,
+    N_REP,
+    qk_scale,
+    sm_scale,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """One key block of one key head; loops over every query head of its group and every query block."""
     start_n = tl.program_id(0) * BLOCK_N
     bh_kv = tl.program_id(1)
@@ -142,10 +217,16 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     kv_mask = (offs_n[:, None] < S) & d_ok[None, :]
-    k = tl.load(K + b * stride_kb + h_kv.to(tl.int64) * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + b * stride_vb + h_kv.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :],
-                mask=kv_mask, other=0.0)
+    k = tl.load(
+        K + b * stride_kb + h_kv.to(tl.int64) * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
+        mask=kv_mask,
+        other=0.0,
+    )
+    v = tl.load(
+        V + b * stride_vb + h_kv.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :],
+        mask=kv_mask,
+        other=0.0,
+    )
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -184,21 +265,54 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
 
     dk = dk * sm_scale
     bh_kv64 = h_kv.to(tl.int64)
-    tl.store(DK + b * stride_dkb + bh_kv64 * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b * stride_dvb + bh_kv64 * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+    tl.store(
+        DK + b * stride_dkb + bh_kv64 * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :],
+        dk.to(DK.dtype.element_ty),
+        mask=kv_mask,
+    )
+    tl.store(
+        DV + b * stride_dvb + bh_kv64 * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :],
+        dv.to(DV.dtype.element_ty),
+        mask=kv_mask,
+    )
 
 
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
-                 stride_qb, stride_qh, stride_qt,
-                 stride_kb, stride_kh, stride_ks,
-                 stride_vb, stride_vh, stride_vs,
-                 stride_dob, stride_doh, stride_dot,
-                 stride_dqb, stride_dqh, stride_dqt,
-                 H, T, S, N_REP, qk_scale, sm_scale,
-                 D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _attn_bwd_dq(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_dob,
+    stride_doh,
+    stride_dot,
+    stride_dqb,
+    stride_dqh,
+    stride_dqt,
+    H,
+    T,
+    S,
+    N_REP,
+    qk_scale,
+    sm_scale,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """One query block of one query head; loops over the key blocks it can see."""
     start_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)  # heaviest first
     bh = tl.program_id(1)
@@ -212,10 +326,12 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     q_mask = (offs_m[:, None] < T) & d_ok[None, :]
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-                mask=q_mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
-                 mask=q_mask, other=0.0)
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0
+    )
+    do = tl.load(
+        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :], mask=q_mask, other=0.0
+    )
     row_base = bh.to(tl.int64) * T
     lse = tl.load(LSE + row_base + offs_m, mask=offs_m < T, other=float("inf"))
     delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < T, other=0.0)
@@ -250,18 +366,27 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
         dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=PRECISION)
 
     dq = dq * sm_scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=q_mask)
+    tl.store(
+        DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty),
+        mask=q_mask,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
 # Launching: plain jit with fixed blocks under the interpreter, autotuned jit on the GPU.
 
+
 def _gpu_configs(block_ms, block_ns, stages):
     # 16 candidates per kernel: tuning a new shape costs seconds, not minutes. Configs that do not fit in
     # shared memory are skipped by the autotuner.
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm in block_ms for bn in block_ns for w in (4, 8) for s in stages]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm in block_ms
+        for bn in block_ns
+        for w in (4, 8)
+        for s in stages
+    ]
 
 
 _TUNE_KEY = ["T", "S", "BLOCK_D", "CAUSAL", "N_REP"]
@@ -314,26 +439,36 @@ def check_device(x):
     if x.device.type == "cpu":
         if triton.knobs.runtime.interpret:
             return
-        raise RuntimeError("ftlm.kernels: the Triton kernels need a CUDA tensor; on the CPU they run only under "
-                           "Triton's interpreter. Set TRITON_INTERPRET=1 (slow, for tests), or choose "
-                           "model.attn_impl=sdpa / model.norm_impl=torch.")
-    raise RuntimeError(f"ftlm.kernels: the Triton kernels do not support device '{x.device.type}'; "
-                       "choose model.attn_impl=sdpa / model.norm_impl=torch.")
+        raise RuntimeError(
+            "ftlm.kernels: the Triton kernels need a CUDA tensor; on the CPU they run only under "
+            "Triton's interpreter. Set TRITON_INTERPRET=1 (slow, for tests), or choose "
+            "model.attn_impl=sdpa / model.norm_impl=torch."
+        )
+    raise RuntimeError(
+        f"ftlm.kernels: the Triton kernels do not support device '{x.device.type}'; "
+        "choose model.attn_impl=sdpa / model.norm_impl=torch."
+    )
 
 
 def _check_inputs(q, k, v):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"flash_attention: q, k, v must be (batch, heads, seq, head_dim); got shapes "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"flash_attention: q, k, v must be (batch, heads, seq, head_dim); got shapes "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if k.shape != v.shape:
-        raise ValueError(f"flash_attention: k and v must have the same shape; got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(
+            f"flash_attention: k and v must have the same shape; got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"flash_attention: batch and head_dim of q {tuple(q.shape)} and k {tuple(k.shape)} differ")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"flash_attention: kv heads ({k.shape[1]}) must divide q heads ({q.shape[1]})")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"flash_attention: q, k, v must share one dtype among float32, float16, bfloat16; got "
-                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(
+            f"flash_attention: q, k, v must share one dtype among float32, float16, bfloat16; got "
+            f"{q.dtype}, {k.dtype}, {v.dtype}"
+        )
     if not (q.device == k.device == v.device):
         raise ValueError(f"flash_attention: q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
     if q.shape[3] > 256:
@@ -352,10 +487,27 @@ def _forward(q, k, v, causal, sm_scale):
         return o, lse
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
     _kernel("fwd")[grid](
-        q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        H, T, S, H // H_KV, sm_scale * LOG2E,
-        D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=causal, PRECISION=_precision(q.dtype),
-        **_blocks(interpret), **_launch_options(interpret))
+        q,
+        k,
+        v,
+        o,
+        lse,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(o),
+        H,
+        T,
+        S,
+        H // H_KV,
+        sm_scale * LOG2E,
+        D=D,
+        BLOCK_D=max(16, triton.next_power_of_2(D)),
+        CAUSAL=causal,
+        PRECISION=_precision(q.dtype),
+        **_blocks(interpret),
+        **_launch_options(interpret),
+    )
     return o, lse
 
 
@@ -373,18 +525,62 @@ def _backward(q, k, v, o, lse, do, causal, sm_scale):
     delta = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     delta_block = 32 if interpret else 64
     _kernel("delta")[(triton.cdiv(T, delta_block), B * H)](
-        o, do, delta, *_strides(o), *_strides(do), H, T, D=D, BLOCK_D=block_d, BLOCK_M=delta_block)
-    common = dict(D=D, BLOCK_D=block_d, CAUSAL=causal, PRECISION=_precision(q.dtype),
-                  **_blocks(interpret), **_launch_options(interpret))
+        o, do, delta, *_strides(o), *_strides(do), H, T, D=D, BLOCK_D=block_d, BLOCK_M=delta_block
+    )
+    common = dict(
+        D=D,
+        BLOCK_D=block_d,
+        CAUSAL=causal,
+        PRECISION=_precision(q.dtype),
+        **_blocks(interpret),
+        **_launch_options(interpret),
+    )
     n_rep = H // H_KV
     _kernel("dkdv")[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * H_KV)](
-        q, k, v, do, lse, delta, dk, dv,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-        H, H_KV, T, S, n_rep, sm_scale * LOG2E, sm_scale, **common)
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        dk,
+        dv,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(do),
+        *_strides(dk),
+        *_strides(dv),
+        H,
+        H_KV,
+        T,
+        S,
+        n_rep,
+        sm_scale * LOG2E,
+        sm_scale,
+        **common,
+    )
     _kernel("dq")[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](
-        q, k, v, do, lse, delta, dq,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-        H, T, S, n_rep, sm_scale * LOG2E, sm_scale, **common)
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        dq,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(do),
+        *_strides(dq),
+        H,
+        T,
+        S,
+        n_rep,
+        sm_scale * LOG2E,
+        sm_scale,
+        **common,
+    )
     return dq, dk, dv
 
 

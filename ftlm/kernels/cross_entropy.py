@@ -9,6 +9,7 @@ logits-sized log-softmax for its backward and then allocates the gradient.
 Without the extension (or without its CUDA kernels on a CUDA tensor) this warns once and uses
 ftlm.kernels.reference.cross_entropy.
 """
+
 import torch
 
 from ftlm.kernels import ext, reference
@@ -28,8 +29,9 @@ class CrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         logits, targets, lse, count = ctx.saved_tensors
         grad_scale = (grad_loss.float() / count).reshape(1)
-        grad = ext.extension().cross_entropy_backward(logits, targets, lse, grad_scale, ctx.ignore_index,
-                                                      ctx.inplace_backward)
+        grad = ext.extension().cross_entropy_backward(
+            logits, targets, lse, grad_scale, ctx.ignore_index, ctx.inplace_backward
+        )
         if ctx.inplace_backward:
             # Anything else that saved these logits must notice they were overwritten.
             torch.autograd.graph.increment_version(logits)
@@ -44,8 +46,10 @@ def cross_entropy(logits, targets, ignore_index=-100, inplace_backward=False):
     nothing reads the logits after the backward pass (a training step that discards them).
     """
     if logits.dim() == 0 or logits.shape[:-1] != targets.shape:
-        raise ValueError(f"cross_entropy: targets of shape {tuple(targets.shape)} do not match logits of shape "
-                         f"{tuple(logits.shape)} (expected targets of shape {tuple(logits.shape[:-1])})")
+        raise ValueError(
+            f"cross_entropy: targets of shape {tuple(targets.shape)} do not match logits of shape "
+            f"{tuple(logits.shape)} (expected targets of shape {tuple(logits.shape[:-1])})"
+        )
     if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise ValueError(f"cross_entropy: logits must be a floating-point tensor, got {logits.dtype}")
     if not ext.supports(logits.device):

@@ -2,6 +2,7 @@
 
 Build it with `pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`).
 """
+
 import warnings
 
 _UNSET = object()
@@ -15,12 +16,17 @@ def extension():
     if _module is _UNSET:
         try:
             from ftlm import _C
+
             _module = _C
         except ImportError as e:
             _module = None
-            warnings.warn(f"ftlm._C could not be imported ({e}); cross-entropy falls back to the slower, more "
-                          "memory-hungry PyTorch version. Build the extension with "
-                          "`pip install --no-build-isolation -e .`.", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"ftlm._C could not be imported ({e}); cross-entropy falls back to the slower, more "
+                "memory-hungry PyTorch version. Build the extension with "
+                "`pip install --no-build-isolation -e .`.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     return _module
 
 
@@ -38,6 +44,9 @@ def supports(device):
     if device.type not in _warned_devices:
         _warned_devices.add(device.type)
         hint = " rebuild it with FTLM_CUDA=1 on a machine with nvcc" if device.type == "cuda" else ""
-        warnings.warn(f"ftlm._C has no {device.type} kernels; cross-entropy falls back to the PyTorch version."
-                      f"{hint}", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"ftlm._C has no {device.type} kernels; cross-entropy falls back to the PyTorch version.{hint}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return False

@@ -8,6 +8,7 @@ the per-program partial sums are then added by one small torch reduction. No ato
 Any hidden size works: the row is padded to the next power of two and masked. Arithmetic is float32
 whatever the input dtype. Kernels are wrapped with triton.jit at first launch (see attention.py).
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -17,8 +18,21 @@ from ftlm.kernels.attention import check_device
 MAX_HIDDEN = 65536  # one row must fit in one program's registers
 
 
-def _norm_fwd(X, Y, W, B, MEAN, RSTD, stride_x, stride_y, N, eps,
-              IS_RMS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+def _norm_fwd(
+    X,
+    Y,
+    W,
+    B,
+    MEAN,
+    RSTD,
+    stride_x,
+    stride_y,
+    N,
+    eps,
+    IS_RMS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
@@ -37,9 +51,25 @@ def _norm_fwd(X, Y, W, B, MEAN, RSTD, stride_x, stride_y, N, eps,
     tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
-def _norm_bwd(DY, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL,
-              stride_dy, stride_x, stride_dx, M, N, rows_per_program,
-              IS_RMS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+def _norm_bwd(
+    DY,
+    X,
+    W,
+    MEAN,
+    RSTD,
+    DX,
+    DW_PARTIAL,
+    DB_PARTIAL,
+    stride_dy,
+    stride_x,
+    stride_dx,
+    M,
+    N,
+    rows_per_program,
+    IS_RMS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
@@ -112,10 +142,22 @@ class NormFunction(torch.autograd.Function):
         mean = rstd if is_rms else torch.empty(m, device=x.device, dtype=torch.float32)
         has_bias = bias is not None
         if m > 0:
-            _kernel(_norm_fwd)[(m,)](x2, y, weight, bias if has_bias else weight, mean, rstd,
-                                     x2.stride(0), y.stride(0), n, eps,
-                                     IS_RMS=is_rms, HAS_BIAS=has_bias, BLOCK_N=block_n,
-                                     num_warps=_num_warps(block_n))
+            _kernel(_norm_fwd)[(m,)](
+                x2,
+                y,
+                weight,
+                bias if has_bias else weight,
+                mean,
+                rstd,
+                x2.stride(0),
+                y.stride(0),
+                n,
+                eps,
+                IS_RMS=is_rms,
+                HAS_BIAS=has_bias,
+                BLOCK_N=block_n,
+                num_warps=_num_warps(block_n),
+            )
         ctx.save_for_backward(x2, weight, bias, mean, rstd)
         ctx.is_rms, ctx.shape = is_rms, shape
         return y.view(shape)
@@ -132,11 +174,26 @@ class NormFunction(torch.autograd.Function):
         db_partial = torch.zeros((programs, n), device=x2.device, dtype=torch.float32) if has_bias else dw_partial
         if m > 0:
             block_n = triton.next_power_of_2(n)
-            _kernel(_norm_bwd)[(programs,)](dy2, x2, weight, mean, rstd, dx, dw_partial, db_partial,
-                                            dy2.stride(0), x2.stride(0), dx.stride(0), m, n,
-                                            triton.cdiv(m, programs),
-                                            IS_RMS=ctx.is_rms, HAS_BIAS=has_bias, BLOCK_N=block_n,
-                                            num_warps=_num_warps(block_n))
+            _kernel(_norm_bwd)[(programs,)](
+                dy2,
+                x2,
+                weight,
+                mean,
+                rstd,
+                dx,
+                dw_partial,
+                db_partial,
+                dy2.stride(0),
+                x2.stride(0),
+                dx.stride(0),
+                m,
+                n,
+                triton.cdiv(m, programs),
+                IS_RMS=ctx.is_rms,
+                HAS_BIAS=has_bias,
+                BLOCK_N=block_n,
+                num_warps=_num_warps(block_n),
+            )
         dw = dw_partial.sum(0).to(weight.dtype)
         db = db_partial.sum(0).to(bias.dtype) if has_bias else None
         return dx.view(ctx.shape), dw, db, None, None
@@ -145,8 +202,10 @@ class NormFunction(torch.autograd.Function):
 def _check(x, weight, bias, name):
     n = x.shape[-1] if x.dim() else 0
     if x.dim() == 0 or weight.dim() != 1 or weight.shape[0] != n:
-        raise ValueError(f"{name}: weight must have shape ({n},) to match the last dim of x {tuple(x.shape)}; "
-                         f"got {tuple(weight.shape)}")
+        raise ValueError(
+            f"{name}: weight must have shape ({n},) to match the last dim of x {tuple(x.shape)}; "
+            f"got {tuple(weight.shape)}"
+        )
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"{name}: bias must have shape ({n},); got {tuple(bias.shape)}")
     if n > MAX_HIDDEN:

@@ -3,6 +3,7 @@
 They are the ground truth the kernels are tested against, and the fallback on machines
 where a kernel cannot run.
 """
+
 import math
 
 import torch

@@ -4,6 +4,7 @@ Rotary position embeddings use the "rotate half" layout (GPT-NeoX, Hugging Face 
 weights need no permutation. Attention and norms dispatch to one of several implementations chosen by
 `attn_impl` / `norm_impl`; every implementation computes the same function.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,7 +52,7 @@ class GPTConfig:
         self.validate()
 
     @classmethod
-    def from_dict(cls, d: dict, prefix: str = "model") -> "GPTConfig":
+    def from_dict(cls, d: dict, prefix: str = "model") -> GPTConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -70,8 +71,11 @@ class GPTConfig:
         for key in ("vocab_size", "max_seq_len", "n_layer", "n_head", "n_kv_heads", "d_model", "d_ff"):
             need(int(getattr(self, key)) > 0, key, f"must be a positive integer, got {getattr(self, key)}")
         need(self.d_model % self.n_head == 0, "d_model", f"{self.d_model} is not divisible by n_head={self.n_head}")
-        need(self.n_head % self.n_kv_heads == 0, "n_kv_heads",
-             f"n_head={self.n_head} is not divisible by n_kv_heads={self.n_kv_heads}")
+        need(
+            self.n_head % self.n_kv_heads == 0,
+            "n_kv_heads",
+            f"n_head={self.n_head} is not divisible by n_kv_heads={self.n_kv_heads}",
+        )
         need(self.head_dim % 2 == 0, "n_head", f"head_dim={self.head_dim} must be even for rotary embeddings")
         need(self.norm in ("layernorm", "rmsnorm"), "norm", f"'{self.norm}' is not one of layernorm, rmsnorm")
         need(self.mlp in ("gelu", "swiglu"), "mlp", f"'{self.mlp}' is not one of gelu, swiglu")
@@ -82,8 +86,10 @@ class GPTConfig:
             try:
                 import flash_attn  # noqa: F401
             except ImportError:
-                raise ConfigError(f"model.attn_impl: 'flash_attn' is not installed. Install it with: {FLASH_ATTN_HINT}, "
-                                  "or choose attn_impl=auto") from None
+                raise ConfigError(
+                    f"model.attn_impl: 'flash_attn' is not installed. Install it with: {FLASH_ATTN_HINT}, "
+                    "or choose attn_impl=auto"
+                ) from None
 
     def num_params(self, include_embedding: bool = True) -> int:
         """Closed-form parameter count; the model's actual count must equal it."""
@@ -124,6 +130,7 @@ class Norm(nn.Module):
     def forward(self, x):
         if resolve_norm_impl(self.impl, x.device) == "triton":
             from ftlm import kernels
+
             if self.kind == "rmsnorm":
                 return kernels.rms_norm(x, self.weight, self.eps)
             return kernels.layer_norm(x, self.weight, self.bias, self.eps)
@@ -134,7 +141,9 @@ class Norm(nn.Module):
 
 def rope_cache(cfg: GPTConfig, start: int, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the rotary angles for positions start .. start+length-1."""
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device, dtype=torch.float32) / cfg.head_dim))
+    inv_freq = 1.0 / (
+        cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device, dtype=torch.float32) / cfg.head_dim)
+    )
     positions = torch.arange(start, start + length, device=device, dtype=torch.float32)
     angles = torch.outer(positions, inv_freq)
     angles = torch.cat([angles, angles], dim=-1)  # (seq, head_dim), rotate-half layout
@@ -159,8 +168,8 @@ class KVCache:
 
     def update(self, layer: int, k, v):
         t = k.shape[2]
-        self.k[layer][:, :, self.length:self.length + t] = k
-        self.v[layer][:, :, self.length:self.length + t] = v
+        self.k[layer][:, :, self.length : self.length + t] = k
+        self.v[layer][:, :, self.length : self.length + t] = v
         end = self.length + t
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
@@ -176,8 +185,9 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cache: KVCache | None = None):
         cfg = self.cfg
         b, t, _ = x.shape
-        q, k, v = self.qkv(x).split([cfg.n_head * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim,
-                                     cfg.n_kv_heads * cfg.head_dim], dim=-1)
+        q, k, v = self.qkv(x).split(
+            [cfg.n_head * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim], dim=-1
+        )
         q = q.view(b, t, cfg.n_head, cfg.head_dim).transpose(1, 2)
         k = k.view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         v = v.view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
@@ -194,9 +204,11 @@ class Attention(nn.Module):
         p = self.cfg.dropout if self.training else 0.0
         if impl == "triton" and not decoding and p == 0.0:
             from ftlm import kernels
+
             return kernels.flash_attention(q, k, v, causal=True)
         if impl == "flash_attn" and not decoding:
             from flash_attn import flash_attn_func  # checked at config time
+
             out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=p, causal=True)
             return out.transpose(1, 2)
         if impl == "eager":
@@ -205,8 +217,9 @@ class Attention(nn.Module):
         if decoding:
             t, s = q.shape[2], k.shape[2]
             mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None,
-                                              enable_gqa=q.shape[1] != k.shape[1])
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None, enable_gqa=q.shape[1] != k.shape[1]
+        )
 
     def eager(self, q, k, v, p):
         n_rep = q.shape[1] // k.shape[1]
@@ -298,8 +311,10 @@ class GPT(nn.Module):
             return F.linear(x, weight), None
         logits = F.linear(x, weight)
         from ftlm import kernels
+
         # In training nothing reads the logits after backward, so their gradient may take their memory:
         # one logits-sized buffer (vocab x tokens, the largest activation) less at peak.
-        loss = kernels.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index,
-                                     inplace_backward=self.training)
+        loss = kernels.cross_entropy(
+            logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index, inplace_backward=self.training
+        )
         return logits, loss

@@ -1,20 +1,26 @@
 """`ftlm-plan`: parameters, token budget, training FLOPs and days, and ZeRO-3 memory per GPU for a model.
 
-    ftlm-plan --model gpt_1_3b --tokens 26e9 --gpu h100 --num-gpus 64 --mfu 0.45
-    ftlm-plan --model gpt_125m --stats runs/data/stats.json model.n_layer=16 --gpu a100 --num-gpus 8
+ftlm-plan --model gpt_1_3b --tokens 26e9 --gpu h100 --num-gpus 64 --mfu 0.45
+ftlm-plan --model gpt_125m --stats runs/data/stats.json model.n_layer=16 --gpu a100 --num-gpus 8
 """
+
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 from ftlm.plan.flops import attention_flops_per_token, flops_per_token, matmul_params
 from ftlm.plan.hardware import GPUS_BY_KEY, UnknownGPU, gpu_by_key
-from ftlm.plan.memory import (GIB, OFFLOAD_CHOICES, activation_bytes, largest_layer_params, max_micro_batch,
-                              zero3_model_states)
+from ftlm.plan.memory import (
+    GIB,
+    OFFLOAD_CHOICES,
+    activation_bytes,
+    largest_layer_params,
+    max_micro_batch,
+    zero3_model_states,
+)
 
 CHINCHILLA_TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022: compute-optimal training uses about 20 tokens per parameter
 SECONDS_PER_DAY = 86400
@@ -40,7 +46,7 @@ def load_model_config(name: str, overrides: list[str], vocab: int | None):
         key, sep, value = item.partition("=")
         if not sep or not key.startswith("model."):
             raise PlanError(f"'{item}': ftlm-plan reads only model.<key>=<value> overrides (and --flags)")
-        field = key[len("model."):]
+        field = key[len("model.") :]
         if field not in cfg:
             raise PlanError(f"'{item}': unknown key {key}; keys of conf/model/{name}.yaml: {', '.join(cfg)}")
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{field}={value}"]))
@@ -65,7 +71,9 @@ def tokens_from_stats(path: Path) -> int:
     try:
         stats = json.loads(path.read_text())
     except FileNotFoundError:
-        raise PlanError(f"--stats {path}: no such file (the data pipeline writes stats.json next to its shards)") from None
+        raise PlanError(
+            f"--stats {path}: no such file (the data pipeline writes stats.json next to its shards)"
+        ) from None
     except json.JSONDecodeError as e:
         raise PlanError(f"--stats {path}: not valid JSON (line {e.lineno}: {e.msg})") from None
 
@@ -94,8 +102,10 @@ def tokens_from_stats(path: Path) -> int:
         if tokens is not None:
             total, found = total + tokens, True
     if not found:
-        raise PlanError(f"--stats {path}: found no token count (looked for total_tokens, tokens, total.tokens, "
-                        "streams.<name>.tokens_train, streams.<name>.train.tokens, streams.<name>.tokens)")
+        raise PlanError(
+            f"--stats {path}: found no token count (looked for total_tokens, tokens, total.tokens, "
+            "streams.<name>.tokens_train, streams.<name>.train.tokens, streams.<name>.tokens)"
+        )
     return int(total)
 
 
@@ -119,27 +129,36 @@ def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="ftlm-plan",
         description="Plan a training run: parameters, Chinchilla-optimal tokens, training FLOPs and days, "
-                    "and ZeRO-3 memory per GPU with the micro-batch that fits.",
+        "and ZeRO-3 memory per GPU with the micro-batch that fits.",
         epilog="Trailing model.<key>=<value> arguments override the preset, e.g. model.n_layer=32. "
-               f"Known GPUs: {', '.join(GPUS_BY_KEY)}.")
+        f"Known GPUs: {', '.join(GPUS_BY_KEY)}.",
+    )
     p.add_argument("--model", default="gpt_125m", help="preset in conf/model/ (default gpt_125m)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--tokens", type=float, help="training tokens, e.g. 26e9 (default: Chinchilla-optimal)")
     budget.add_argument("--stats", type=Path, help="stats.json from the data pipeline: its token count is the budget")
     p.add_argument("--gpu", default="h100", help="GPU type (default h100)")
     p.add_argument("--num-gpus", type=int, default=8, help="GPUs in the job (default 8)")
-    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node, for CPU memory with offload (default 8)")
+    p.add_argument(
+        "--gpus-per-node", type=int, default=8, help="GPUs per node, for CPU memory with offload (default 8)"
+    )
     p.add_argument("--mfu", type=float, default=0.45, help="model FLOPs utilization to assume (default 0.45)")
     p.add_argument("--seq-len", type=int, help="training sequence length (default: model.max_seq_len)")
     p.add_argument("--vocab", type=int, help="vocabulary size (default: the preset's, else 32000)")
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"), help="default bf16")
     p.add_argument("--peak-tflops", type=float, help="dense peak TFLOP/s per GPU, for a GPU not in the table")
     p.add_argument("--gpu-memory-gib", type=float, help="memory per GPU in GiB (default: the table's)")
-    p.add_argument("--reserve-gib", type=float,
-                   help="memory kept free for the CUDA context, NCCL, DeepSpeed buffers and fragmentation "
-                        "(default: 10%% of the GPU's memory, at least 2 GiB)")
-    p.add_argument("--eager-attention", action="store_true",
-                   help="activations of attn_impl=eager (keeps the s x s scores) instead of a fused kernel")
+    p.add_argument(
+        "--reserve-gib",
+        type=float,
+        help="memory kept free for the CUDA context, NCCL, DeepSpeed buffers and fragmentation "
+        "(default: 10%% of the GPU's memory, at least 2 GiB)",
+    )
+    p.add_argument(
+        "--eager-attention",
+        action="store_true",
+        help="activations of attn_impl=eager (keeps the s x s scores) instead of a fused kernel",
+    )
     p.add_argument("overrides", nargs="*", help="model.<key>=<value> (and model=<preset>, like --model)")
     return p.parse_args(argv)
 
@@ -161,7 +180,9 @@ def plan(args) -> str:
             try:
                 memory_gib = gpu_by_key(args.gpu).memory_gib
             except UnknownGPU:
-                raise PlanError(f"--peak-tflops given for '{args.gpu}': pass its memory with --gpu-memory-gib too") from None
+                raise PlanError(
+                    f"--peak-tflops given for '{args.gpu}': pass its memory with --gpu-memory-gib too"
+                ) from None
     else:
         try:
             gpu = gpu_by_key(args.gpu)
@@ -169,8 +190,10 @@ def plan(args) -> str:
             raise PlanError(str(e)) from None
         peak = gpu.peaks.get(args.precision)
         if peak is None:
-            raise PlanError(f"{gpu.key} has no {args.precision} tensor cores in ftlm's table "
-                            f"(it has {', '.join(gpu.peaks)}); use --precision or pass --peak-tflops")
+            raise PlanError(
+                f"{gpu.key} has no {args.precision} tensor cores in ftlm's table "
+                f"(it has {', '.join(gpu.peaks)}); use --precision or pass --peak-tflops"
+            )
         gpu_name, memory_gib = gpu.key, args.gpu_memory_gib or gpu.memory_gib
 
     presets = [o.split("=", 1)[1] for o in args.overrides if o.startswith("model=")]  # Hydra's spelling of --model
@@ -199,34 +222,48 @@ def plan(args) -> str:
     flash = not args.eager_attention
     largest = largest_layer_params(cfg)
 
-    out = [f"model {cfg.name}: {cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads "
-           f"({cfg.n_kv_heads} kv), d_ff {cfg.d_ff}, vocab {cfg.vocab_size}, {cfg.mlp}, seq_len {seq_len}",
-           f"parameters           {params:,} ({human(params)}); {cfg.num_params(include_embedding=False):,} "
-           f"without embeddings; matmul weights incl. LM head {matmul_params(cfg):,}",
-           f"Chinchilla-optimal   {human(optimal_tokens)} tokens for this model (20 per parameter)",
-           f"token budget         {human(tokens)} tokens ({source}); {tokens / params:.3g} per parameter; "
-           f"Chinchilla-optimal size for it: {human(tokens / CHINCHILLA_TOKENS_PER_PARAM)} parameters",
-           f"FLOPs per token      {fpt:.4g} (6 x matmul weights {6 * matmul_params(cfg):.4g} + attention "
-           f"{attention_flops_per_token(cfg, seq_len):.4g}; PaLM convention, no causal discount)",
-           f"training FLOPs       {total:.4g}",
-           f"time                 {duration(seconds)} on {args.num_gpus} x {gpu_name} "
-           f"({peak / 1e12:.0f} TFLOP/s {args.precision} peak) at {args.mfu:.0%} MFU "
-           f"({seconds / 3600 * args.num_gpus:,.0f} GPU-hours)",
-           "",
-           f"ZeRO-3 memory per GPU ({memory_gib:g} GiB, {reserve / GIB:.1f} GiB kept free; "
-           f"{'eager' if not flash else 'fused'} attention; bf16 weights+grads, fp32 Adam: 16 bytes/param / "
-           f"{args.num_gpus} GPUs + 4 bytes x largest layer {human(largest)})",
-           f"  activations per sequence of {seq_len}: "
-           f"{activation_bytes(cfg, seq_len, 1, False, flash) / GIB:.2f} GiB without checkpointing, "
-           f"{activation_bytes(cfg, seq_len, 1, True, flash) / GIB:.2f} GiB with activation checkpointing",
-           f"  {'offload':<18} {'GPU states':>11} {'CPU per node':>13} {'micro-batch':>12} {'with ckpt':>10}"]
+    out = [
+        f"model {cfg.name}: {cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads "
+        f"({cfg.n_kv_heads} kv), d_ff {cfg.d_ff}, vocab {cfg.vocab_size}, {cfg.mlp}, seq_len {seq_len}",
+        f"parameters           {params:,} ({human(params)}); {cfg.num_params(include_embedding=False):,} "
+        f"without embeddings; matmul weights incl. LM head {matmul_params(cfg):,}",
+        f"Chinchilla-optimal   {human(optimal_tokens)} tokens for this model (20 per parameter)",
+        f"token budget         {human(tokens)} tokens ({source}); {tokens / params:.3g} per parameter; "
+        f"Chinchilla-optimal size for it: {human(tokens / CHINCHILLA_TOKENS_PER_PARAM)} parameters",
+        f"FLOPs per token      {fpt:.4g} (6 x matmul weights {6 * matmul_params(cfg):.4g} + attention "
+        f"{attention_flops_per_token(cfg, seq_len):.4g}; PaLM convention, no causal discount)",
+        f"training FLOPs       {total:.4g}",
+        f"time                 {duration(seconds)} on {args.num_gpus} x {gpu_name} "
+        f"({peak / 1e12:.0f} TFLOP/s {args.precision} peak) at {args.mfu:.0%} MFU "
+        f"({seconds / 3600 * args.num_gpus:,.0f} GPU-hours)",
+        "",
+        f"ZeRO-3 memory per GPU ({memory_gib:g} GiB, {reserve / GIB:.1f} GiB kept free; "
+        f"{'eager' if not flash else 'fused'} attention; bf16 weights+grads, fp32 Adam: 16 bytes/param / "
+        f"{args.num_gpus} GPUs + 4 bytes x largest layer {human(largest)})",
+        f"  activations per sequence of {seq_len}: "
+        f"{activation_bytes(cfg, seq_len, 1, False, flash) / GIB:.2f} GiB without checkpointing, "
+        f"{activation_bytes(cfg, seq_len, 1, True, flash) / GIB:.2f} GiB with activation checkpointing",
+        f"  {'offload':<18} {'GPU states':>11} {'CPU per node':>13} {'micro-batch':>12} {'with ckpt':>10}",
+    ]
     for offload in OFFLOAD_CHOICES:
         states = zero3_model_states(params, largest, args.num_gpus, args.gpus_per_node, offload)
         fits = [max_micro_batch(memory, states.gpu_bytes, cfg, seq_len, ckpt, flash, reserve) for ckpt in (False, True)]
-        out.append(f"  {offload:<18} {states.gpu_bytes / GIB:>7.2f} GiB {states.cpu_bytes_per_node / GIB:>9.1f} GiB "
-                   f"{fits[0]:>12} {fits[1]:>10}")
-    if max_micro_batch(memory, zero3_model_states(params, largest, args.num_gpus, args.gpus_per_node,
-                                                  "optimizer+params").gpu_bytes, cfg, seq_len, True, flash, reserve) == 0:
+        out.append(
+            f"  {offload:<18} {states.gpu_bytes / GIB:>7.2f} GiB {states.cpu_bytes_per_node / GIB:>9.1f} GiB "
+            f"{fits[0]:>12} {fits[1]:>10}"
+        )
+    if (
+        max_micro_batch(
+            memory,
+            zero3_model_states(params, largest, args.num_gpus, args.gpus_per_node, "optimizer+params").gpu_bytes,
+            cfg,
+            seq_len,
+            True,
+            flash,
+            reserve,
+        )
+        == 0
+    ):
         out.append("  not even one sequence fits: use more GPUs, a shorter --seq-len, or a bigger GPU")
     return "\n".join(out)
 

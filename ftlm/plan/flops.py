@@ -17,6 +17,7 @@ without its activation-recomputation pass):
   a causal flash-attention kernel skips about half of that work, which this count does not credit.
 * Activation recomputation is not counted: MFU measures the model's FLOPs, not the hardware's (that would be HFU).
 """
+
 from __future__ import annotations
 
 from ftlm.model.gpt import GPTConfig

@@ -3,6 +3,7 @@
 MFU is measured against these peaks. `FTLM_PEAK_TFLOPS` (in TFLOP/s) overrides the table for any device,
 including one it does not know.
 """
+
 from __future__ import annotations
 
 import logging
@@ -18,10 +19,10 @@ T = 1e12
 
 @dataclass(frozen=True)
 class GPU:
-    key: str            # short name for `ftlm-plan --gpu`
-    pattern: str        # regex matched against torch.cuda.get_device_name(), lower-cased
-    memory_gib: float   # device memory
-    peaks: dict         # precision (bf16 / fp16 / fp32) -> dense peak FLOP/s; fp32 is the non-tensor-core rate
+    key: str  # short name for `ftlm-plan --gpu`
+    pattern: str  # regex matched against torch.cuda.get_device_name(), lower-cased
+    memory_gib: float  # device memory
+    peaks: dict  # precision (bf16 / fp16 / fp32) -> dense peak FLOP/s; fp32 is the non-tensor-core rate
 
 
 # Ordered: the first pattern that matches wins, so specific names (H100 PCIe, A100 40GB) come before general ones.
@@ -65,8 +66,10 @@ def gpu_by_key(key: str) -> GPU:
     for gpu in GPUS:  # also accept a full device name such as "NVIDIA H100 80GB HBM3"
         if re.search(gpu.pattern, key.lower()):
             return gpu
-    raise UnknownGPU(f"unknown GPU '{key}'; known: {', '.join(GPUS_BY_KEY)}. "
-                     "For another GPU pass --peak-tflops (its dense bf16 peak) and --gpu-memory-gib")
+    raise UnknownGPU(
+        f"unknown GPU '{key}'; known: {', '.join(GPUS_BY_KEY)}. "
+        "For another GPU pass --peak-tflops (its dense bf16 peak) and --gpu-memory-gib"
+    )
 
 
 def gpu_for_device_name(name: str) -> GPU | None:
@@ -105,6 +108,11 @@ def peak_flops_per_device(device: torch.device, precision: str) -> float | None:
     if peak is None and (name, precision) not in _warned:
         _warned.add((name, precision))
         why = "is not in ftlm's table" if gpu is None else f"has no {precision} peak in ftlm's table"
-        log.warning("GPU '%s' %s, so MFU is not reported; set %s to its dense %s peak in TFLOP/s to report it",
-                    name, why, PEAK_ENV, precision)
+        log.warning(
+            "GPU '%s' %s, so MFU is not reported; set %s to its dense %s peak in TFLOP/s to report it",
+            name,
+            why,
+            PEAK_ENV,
+            precision,
+        )
     return peak

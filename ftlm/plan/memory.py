@@ -28,18 +28,19 @@ of the backward pass while every saved activation is still held.
 The formula assumes plain multi-head attention and a 4h GELU MLP; for grouped-query attention it overcounts
 keys and values slightly, and without dropout it overcounts the masks: an upper bound, which is what a plan wants.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from ftlm.model.gpt import GPTConfig
 
-GIB = 2 ** 30
+GIB = 2**30
 BF16_WEIGHT_BYTES = 2
 BF16_GRAD_BYTES = 2
-OPTIMIZER_BYTES = 12        # fp32 master weights + Adam momentum + Adam variance
-FP32_GRAD_BYTES = 4         # gradients as the CPU optimizer reads them (offload only)
-LIVE_LAYER_BYTES = 4        # gathered bf16 weights + bf16 gradients of the layer being computed
+OPTIMIZER_BYTES = 12  # fp32 master weights + Adam momentum + Adam variance
+FP32_GRAD_BYTES = 4  # gradients as the CPU optimizer reads them (offload only)
+LIVE_LAYER_BYTES = 4  # gathered bf16 weights + bf16 gradients of the layer being computed
 
 OFFLOAD_CHOICES = ("none", "optimizer", "optimizer+params")
 
@@ -49,24 +50,30 @@ def largest_layer_params(cfg: GPTConfig) -> int:
     d, b = cfg.d_model, int(cfg.bias)
     qkv_out = (cfg.n_head + 2 * cfg.n_kv_heads) * cfg.head_dim
     fc_in_out = cfg.d_ff * (2 if cfg.mlp == "swiglu" else 1)
-    return max(cfg.vocab_size * d, d * qkv_out + b * qkv_out, d * d + b * d, d * fc_in_out + b * fc_in_out,
-               cfg.d_ff * d + b * d)
+    return max(
+        cfg.vocab_size * d,
+        d * qkv_out + b * qkv_out,
+        d * d + b * d,
+        d * fc_in_out + b * fc_in_out,
+        cfg.d_ff * d + b * d,
+    )
 
 
 @dataclass(frozen=True)
 class ModelStateMemory:
-    gpu_bytes: int            # per GPU
-    cpu_bytes_per_node: int   # optimizer state (and weights) kept in each node's CPU memory
+    gpu_bytes: int  # per GPU
+    cpu_bytes_per_node: int  # optimizer state (and weights) kept in each node's CPU memory
 
 
-def zero3_model_states(total_params: int, largest_layer: int, num_gpus: int, gpus_per_node: int = 8,
-                       offload: str = "none") -> ModelStateMemory:
+def zero3_model_states(
+    total_params: int, largest_layer: int, num_gpus: int, gpus_per_node: int = 8, offload: str = "none"
+) -> ModelStateMemory:
     """Bytes of weights, gradients and optimizer state per GPU (and per node's CPU) under ZeRO-3."""
     if offload not in OFFLOAD_CHOICES:
         raise ValueError(f"offload must be one of {', '.join(OFFLOAD_CHOICES)}, got '{offload}'")
     if num_gpus <= 0 or gpus_per_node <= 0:
         raise ValueError(f"num_gpus ({num_gpus}) and gpus_per_node ({gpus_per_node}) must be positive")
-    per_gpu = total_params / num_gpus           # this GPU's partition
+    per_gpu = total_params / num_gpus  # this GPU's partition
     per_node = per_gpu * min(gpus_per_node, num_gpus)
     live = LIVE_LAYER_BYTES * largest_layer
     if offload == "none":
@@ -88,8 +95,9 @@ def activation_bytes_per_layer(cfg: GPTConfig, seq_len: int, micro_batch: int, f
     return int(s * b * per_token)
 
 
-def activation_bytes(cfg: GPTConfig, seq_len: int, micro_batch: int, checkpointing: bool = False,
-                     flash: bool = True) -> int:
+def activation_bytes(
+    cfg: GPTConfig, seq_len: int, micro_batch: int, checkpointing: bool = False, flash: bool = True
+) -> int:
     """Activation memory of one micro-batch on one GPU (ZeRO partitions model states, not activations)."""
     s, b, h = seq_len, micro_batch, cfg.d_model
     layer = activation_bytes_per_layer(cfg, s, b, flash)
@@ -99,8 +107,15 @@ def activation_bytes(cfg: GPTConfig, seq_len: int, micro_batch: int, checkpointi
     return cfg.n_layer * layer + head
 
 
-def max_micro_batch(memory_bytes: float, model_state_bytes: float, cfg: GPTConfig, seq_len: int,
-                    checkpointing: bool, flash: bool = True, reserve_bytes: float = 0) -> int:
+def max_micro_batch(
+    memory_bytes: float,
+    model_state_bytes: float,
+    cfg: GPTConfig,
+    seq_len: int,
+    checkpointing: bool,
+    flash: bool = True,
+    reserve_bytes: float = 0,
+) -> int:
     """The largest micro-batch whose activations fit beside the model states (0 when not even one does)."""
     free = memory_bytes - reserve_bytes - model_state_bytes
     per_sequence = activation_bytes(cfg, seq_len, 1, checkpointing, flash)

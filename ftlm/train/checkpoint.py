@@ -16,6 +16,7 @@ Nothing here unpickles arbitrary objects: our own files are loaded with `weights
 (which calls `torch.load(..., weights_only=False)` itself) are read inside `weights_only_loading()`, which forces
 torch's restricted unpickler and allows only the few DeepSpeed classes its optimizer files contain.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -109,8 +110,10 @@ def weights_only_loading():
             yield
     except Exception as e:  # the message of a refused global is long; say what happened first
         if isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in str(e):
-            raise RuntimeError(f"refusing to load a checkpoint file that holds Python objects beyond tensors and "
-                               f"DeepSpeed's known state classes (loaded with weights_only=True):\n{e}") from e
+            raise RuntimeError(
+                f"refusing to load a checkpoint file that holds Python objects beyond tensors and "
+                f"DeepSpeed's known state classes (loaded with weights_only=True):\n{e}"
+            ) from e
         raise
     finally:
         if old is None:
@@ -121,11 +124,19 @@ def weights_only_loading():
 
 # -- RNG -----------------------------------------------------------------------------------------------------------
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_version": random.getstate()[0],
-             "python_gauss": random.getstate()[2]}
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "python_gauss": random.getstate()[2],
+    }
     np_state = np.random.get_state()
     state["numpy"] = torch.from_numpy(np_state[1].astype(np.int64))
-    state["numpy_pos"], state["numpy_gauss"], state["numpy_cached"] = int(np_state[2]), int(np_state[3]), float(np_state[4])
+    state["numpy_pos"], state["numpy_gauss"], state["numpy_cached"] = (
+        int(np_state[2]),
+        int(np_state[3]),
+        float(np_state[4]),
+    )
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -134,8 +145,15 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
-                         state["numpy_gauss"], state["numpy_cached"]))
+    np.random.set_state(
+        (
+            "MT19937",
+            state["numpy"].numpy().astype(np.uint32),
+            state["numpy_pos"],
+            state["numpy_gauss"],
+            state["numpy_cached"],
+        )
+    )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -191,8 +209,10 @@ def resolve_resume(resume, root: Path) -> Path | None:
         return find_latest(root)
     path = Path(str(resume)).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"trainer.resume: checkpoint {path} does not exist "
-                                "(give a step_XXXXXXXX folder, a run's checkpoints/ folder, auto, or never)")
+        raise FileNotFoundError(
+            f"trainer.resume: checkpoint {path} does not exist "
+            "(give a step_XXXXXXXX folder, a run's checkpoints/ folder, auto, or never)"
+        )
     if path.is_dir() and not (path / MANIFEST).exists() and (path / "checkpoints").is_dir():
         path = path / "checkpoints"  # a run directory
     if path.is_dir() and not (path / MANIFEST).exists() and list_checkpoints(path):
@@ -207,33 +227,55 @@ def resolve_resume(resume, root: Path) -> Path | None:
 
 
 # Keys that change the shape or meaning of the weights; the others (kernels, dropout) may differ on resume.
-WEIGHT_KEYS = ("vocab_size", "n_layer", "n_head", "n_kv_heads", "d_model", "d_ff", "norm", "mlp", "tie_embeddings",
-               "bias", "rope_theta")
+WEIGHT_KEYS = (
+    "vocab_size",
+    "n_layer",
+    "n_head",
+    "n_kv_heads",
+    "d_model",
+    "d_ff",
+    "norm",
+    "mlp",
+    "tie_embeddings",
+    "bias",
+    "rope_theta",
+)
 
 
-def check_compatible(ckpt: Path, model_cfg, tokenizer_vocab: int | None = None,
-                     tokenizer_sha256: str | None = None) -> None:
+def check_compatible(
+    ckpt: Path, model_cfg, tokenizer_vocab: int | None = None, tokenizer_sha256: str | None = None
+) -> None:
     """Refuse a checkpoint written for another model or tokenizer before any weights are touched, naming the keys."""
     state = json.loads((ckpt / "trainer_state.json").read_text())
     saved = state.get("model_config")
     if saved is not None:
         wanted = model_cfg.__dict__
-        diff = [f"model.{k}: checkpoint {saved.get(k)!r}, config {wanted.get(k)!r}" for k in WEIGHT_KEYS
-                if saved.get(k) != wanted.get(k)]
+        diff = [
+            f"model.{k}: checkpoint {saved.get(k)!r}, config {wanted.get(k)!r}"
+            for k in WEIGHT_KEYS
+            if saved.get(k) != wanted.get(k)
+        ]
         if diff:
             raise ValueError(f"checkpoint {ckpt} was made by another model config: " + "; ".join(diff))
     saved_vocab = state.get("tokenizer_vocab")
     if tokenizer_vocab is not None and saved_vocab is not None and saved_vocab != tokenizer_vocab:
-        raise ValueError(f"checkpoint {ckpt} was trained with a tokenizer of {saved_vocab} tokens, but this run's "
-                         f"tokenizer (data.tokenizer / the prepared data) has {tokenizer_vocab}: token ids would "
-                         "mean different text; resume with the data the checkpoint was trained on")
+        raise ValueError(
+            f"checkpoint {ckpt} was trained with a tokenizer of {saved_vocab} tokens, but this run's "
+            f"tokenizer (data.tokenizer / the prepared data) has {tokenizer_vocab}: token ids would "
+            "mean different text; resume with the data the checkpoint was trained on"
+        )
     if tokenizer_vocab is not None and saved is not None and tokenizer_vocab > int(saved["vocab_size"]):
-        raise ValueError(f"checkpoint {ckpt} has model.vocab_size={saved['vocab_size']}, smaller than this run's "
-                         f"tokenizer ({tokenizer_vocab} tokens)")
+        raise ValueError(
+            f"checkpoint {ckpt} has model.vocab_size={saved['vocab_size']}, smaller than this run's "
+            f"tokenizer ({tokenizer_vocab} tokens)"
+        )
     saved_sha = state.get("tokenizer_sha256")
     if tokenizer_sha256 is not None and saved_sha is not None and saved_sha != tokenizer_sha256:
-        log.warning("this run's tokenizer.json differs from the one checkpoint %s was trained with (same vocabulary "
-                    "size); continuing, but token ids may now mean different text", ckpt)
+        log.warning(
+            "this run's tokenizer.json differs from the one checkpoint %s was trained with (same vocabulary "
+            "size); continuing, but token ids may now mean different text",
+            ckpt,
+        )
 
 
 # -- resuming on another number of ranks ---------------------------------------------------------------------------
@@ -245,8 +287,15 @@ def convert_to_universal(ckpt: Path, out: Path) -> None:
     """DeepSpeed's ds_to_universal: ZeRO shards of any world size -> one folder per parameter (fp32 + Adam moments)."""
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
-    args = argparse.Namespace(input_folder=str(ckpt), output_folder=str(out), num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    args = argparse.Namespace(
+        input_folder=str(ckpt),
+        output_folder=str(out),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
     chatter = io.StringIO()  # ds_to_universal prints its progress; keep it for the debug log
     with weights_only_loading(), contextlib.redirect_stdout(chatter):
         ds_to_universal(args)
@@ -288,8 +337,12 @@ def adapt_ds_config(ckpt: Path, ds_config: dict, world_size: int, rank: int) -> 
     if saved == world_size:
         return ds_config
     if rank == 0:
-        log.warning("checkpoint written by %d ranks, resuming on %d: re-partitioned through DeepSpeed's universal "
-                    "checkpoint format", saved, world_size)
+        log.warning(
+            "checkpoint written by %d ranks, resuming on %d: re-partitioned through DeepSpeed's universal "
+            "checkpoint format",
+            saved,
+            world_size,
+        )
     universal_copy(ckpt, rank)
     return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
 
@@ -321,12 +374,15 @@ def retire_newer(root: Path, step: int) -> None:
             dest = root / f"superseded_{ckpt.name}"
             shutil.rmtree(dest, ignore_errors=True)
             os.replace(ckpt, dest)
-            log.warning("moved checkpoint %s to %s: this run went back to an earlier step and continues from "
-                        "there (delete it when no longer needed)", ckpt, dest.name)
+            log.warning(
+                "moved checkpoint %s to %s: this run went back to an earlier step and continues from "
+                "there (delete it when no longer needed)",
+                ckpt,
+                dest.name,
+            )
 
 
-def save(engine, root: Path, step: int, trainer_state: dict, loader_state: dict, keep_last: int,
-         rank: int) -> Path:
+def save(engine, root: Path, step: int, trainer_state: dict, loader_state: dict, keep_last: int, rank: int) -> Path:
     """Write a checkpoint for `step` from every rank; returns its final path.
 
     `loader_state` must come from every rank at the same point (the loader's state_dict is a collective).
@@ -403,14 +459,17 @@ def load(engine, ckpt: Path, rank: int, world_size: int) -> tuple[dict, dict | N
     saved_world = int(trainer_state.get("world_size", world_size))
     elastic = saved_world != world_size
     if elastic and not engine.load_universal_checkpoint():
-        raise RuntimeError(f"checkpoint {ckpt} was written by {saved_world} ranks and this run has {world_size}: "
-                           "build the engine with checkpoint.adapt_ds_config(...) first")
+        raise RuntimeError(
+            f"checkpoint {ckpt} was written by {saved_world} ranks and this run has {world_size}: "
+            "build the engine with checkpoint.adapt_ds_config(...) first"
+        )
     scheduler = engine.lr_scheduler
     fresh = _hyperparameters(engine.optimizer)
     load_dir, tag = (ckpt, UNIVERSAL) if elastic else (ckpt.parent, ckpt.name)
     with weights_only_loading():
-        load_path, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+        load_path, _ = engine.load_checkpoint(
+            str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt}")
     _keep_current_hyperparameters(engine.optimizer, scheduler, fresh)
@@ -421,6 +480,10 @@ def load(engine, ckpt: Path, rank: int, world_size: int) -> tuple[dict, dict | N
     if own_file.is_file():
         set_rng_state(own["rng"])
     else:
-        log.info("rank %d has no saved RNG state in %s (written by %d ranks); it keeps its seeded one",
-                 rank, ckpt, saved_world)
+        log.info(
+            "rank %d has no saved RNG state in %s (written by %d ranks); it keeps its seeded one",
+            rank,
+            ckpt,
+            saved_world,
+        )
     return trainer_state, json.loads(own["loader"])

@@ -1,4 +1,5 @@
 """Distributed setup and the DeepSpeed engine: process group, DeepSpeed config, optimizer, ZeRO-3 model init."""
+
 from __future__ import annotations
 
 import logging
@@ -62,8 +63,14 @@ def init_distributed(device_name: str) -> Dist:
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    return Dist(rank=rank, local_rank=local_rank, world_size=world, local_world_size=local_world,
-                node_rank=rank // max(1, local_world), device=device)
+    return Dist(
+        rank=rank,
+        local_rank=local_rank,
+        world_size=world,
+        local_world_size=local_world,
+        node_rank=rank // max(1, local_world),
+        device=device,
+    )
 
 
 def skip_cpu_inference_comm_build() -> None:
@@ -94,12 +101,14 @@ def build_ds_config(trainer_cfg, ds_cfg, world_size: int, precision: str) -> dic
         "reduce_bucket_size": int(ds_cfg.reduce_bucket_size),
     }
     if stage == 3:
-        zero.update({
-            "stage3_prefetch_bucket_size": int(ds_cfg.stage3_prefetch_bucket_size),
-            "stage3_param_persistence_threshold": int(ds_cfg.stage3_param_persistence_threshold),
-            "stage3_max_live_parameters": int(ds_cfg.stage3_max_live_parameters),
-            "stage3_gather_16bit_weights_on_model_save": bool(ds_cfg.stage3_gather_16bit_weights_on_model_save),
-        })
+        zero.update(
+            {
+                "stage3_prefetch_bucket_size": int(ds_cfg.stage3_prefetch_bucket_size),
+                "stage3_param_persistence_threshold": int(ds_cfg.stage3_param_persistence_threshold),
+                "stage3_max_live_parameters": int(ds_cfg.stage3_max_live_parameters),
+                "stage3_gather_16bit_weights_on_model_save": bool(ds_cfg.stage3_gather_16bit_weights_on_model_save),
+            }
+        )
     if ds_cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if ds_cfg.offload_params:
@@ -132,8 +141,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             continue
         is_matrix = len(getattr(p, "ds_shape", p.shape)) >= 2  # ZeRO-3 keeps the full shape in ds_shape
         (decay if is_matrix and "embed" not in name else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    return [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
 
 
 def build_optimizer(model, trainer_cfg, ds_cfg, device):
@@ -141,6 +152,7 @@ def build_optimizer(model, trainer_cfg, ds_cfg, device):
     kwargs = dict(lr=float(trainer_cfg.lr), betas=tuple(trainer_cfg.betas), eps=float(trainer_cfg.adam_eps))
     if ds_cfg.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # the fast CPU Adam that ZeRO-Offload expects
+
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
     return torch.optim.AdamW(groups, fused=device.type == "cuda", **kwargs)
 
@@ -152,8 +164,11 @@ def build_model(model_cfg, ds_config: dict, dist: Dist):
     from ftlm.model import GPT
 
     zero3 = ds_config["zero_optimization"]["stage"] == 3
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero3,
-                             remote_device="cpu" if "offload_param" in ds_config["zero_optimization"] else None):
+    with deepspeed.zero.Init(
+        config_dict_or_path=ds_config,
+        enabled=zero3,
+        remote_device="cpu" if "offload_param" in ds_config["zero_optimization"] else None,
+    ):
         model = GPT(model_cfg)
     if zero3:
         # Inside zero.Init every submodule is partitioned as soon as it is built, so the GPT's own
@@ -174,6 +189,6 @@ def build_engine(model, trainer_cfg, ds_cfg, ds_config: dict, dist: Dist):
 
     optimizer = build_optimizer(model, trainer_cfg, ds_cfg, dist.device)
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=ds_config,
-        lr_scheduler=lambda opt: build_scheduler(opt, trainer_cfg))
+        model=model, optimizer=optimizer, config=ds_config, lr_scheduler=lambda opt: build_scheduler(opt, trainer_cfg)
+    )
     return engine, scheduler

@@ -6,6 +6,7 @@
 The loop below only orders the components: data (ftlm.data), engine (engine.py), schedule (schedule.py),
 checkpoints (checkpoint.py) and metrics (metrics.py).
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,8 +38,10 @@ def model_config(model_cfg, tokenizer_vocab: int) -> GPTConfig:
     if values.get("vocab_size") is None:
         values["vocab_size"] = 64 * math.ceil(tokenizer_vocab / 64)  # a multiple of 64 keeps matmuls aligned
     elif values["vocab_size"] < tokenizer_vocab:
-        raise ValueError(f"model.vocab_size={values['vocab_size']} is smaller than the tokenizer's vocabulary "
-                         f"({tokenizer_vocab}); set model.vocab_size=null to follow the tokenizer")
+        raise ValueError(
+            f"model.vocab_size={values['vocab_size']} is smaller than the tokenizer's vocabulary "
+            f"({tokenizer_vocab}); set model.vocab_size=null to follow the tokenizer"
+        )
     return GPTConfig.from_dict(values)
 
 
@@ -112,11 +115,23 @@ def train(cfg) -> dict:
     seq_len, micro, accum = int(t.seq_len), int(t.micro_batch_size), int(t.grad_accum)
     global_seqs = micro * accum * d.world_size
     ds_config = build_ds_config(t, cfg.deepspeed, d.world_size, precision)
-    log.info("world size %d (%d nodes x %d per node), device %s, precision %s, DeepSpeed ZeRO stage %d",
-             d.world_size, d.world_size // d.local_world_size, d.local_world_size, d.device.type, precision,
-             ds_config["zero_optimization"]["stage"])
-    log.info("global batch: %d sequences = %d micro-batch x %d accumulation x %d ranks = %s tokens per step",
-             global_seqs, micro, accum, d.world_size, f"{global_seqs * seq_len:,}")
+    log.info(
+        "world size %d (%d nodes x %d per node), device %s, precision %s, DeepSpeed ZeRO stage %d",
+        d.world_size,
+        d.world_size // d.local_world_size,
+        d.local_world_size,
+        d.device.type,
+        precision,
+        ds_config["zero_optimization"]["stage"],
+    )
+    log.info(
+        "global batch: %d sequences = %d micro-batch x %d accumulation x %d ranks = %s tokens per step",
+        global_seqs,
+        micro,
+        accum,
+        d.world_size,
+        f"{global_seqs * seq_len:,}",
+    )
 
     # Which checkpoint to continue from is settled before any weights exist, so a mismatch fails early.
     ckpt_root = run_dir / "checkpoints"
@@ -129,9 +144,17 @@ def train(cfg) -> dict:
     seed_everything(int(t.seed))  # identical initial weights on every rank
     model = build_model(model_cfg, ds_config, d)
     model.activation_checkpointing = bool(t.activation_checkpointing)
-    log.info("model %s: %s parameters (%s without embeddings), %d layers, d_model %d, %d heads (%d kv), vocab %d",
-             model_cfg.name, f"{model_cfg.num_params():,}", f"{model_cfg.num_params(include_embedding=False):,}",
-             model_cfg.n_layer, model_cfg.d_model, model_cfg.n_head, model_cfg.n_kv_heads, model_cfg.vocab_size)
+    log.info(
+        "model %s: %s parameters (%s without embeddings), %d layers, d_model %d, %d heads (%d kv), vocab %d",
+        model_cfg.name,
+        f"{model_cfg.num_params():,}",
+        f"{model_cfg.num_params(include_embedding=False):,}",
+        model_cfg.n_layer,
+        model_cfg.d_model,
+        model_cfg.n_head,
+        model_cfg.n_kv_heads,
+        model_cfg.vocab_size,
+    )
     engine, scheduler = build_engine(model, t, cfg.deepspeed, ds_config, d)
     seed_everything(int(t.seed) + d.rank)  # dropout and sampling differ per rank
 
@@ -148,8 +171,17 @@ def train(cfg) -> dict:
         log.info("resumed from %s at step %d (%s tokens seen)", resume_from, step, f"{tokens_seen:,}")
 
     from ftlm.plan import flops_per_token, peak_flops_per_device
-    metrics = Metrics(run_dir, bool(t.tensorboard), d.is_main, d.world_size, global_seqs * seq_len,
-                      flops_per_token(model_cfg, seq_len), peak_flops_per_device(d.device, precision), start_step=step)
+
+    metrics = Metrics(
+        run_dir,
+        bool(t.tensorboard),
+        d.is_main,
+        d.world_size,
+        global_seqs * seq_len,
+        flops_per_token(model_cfg, seq_len),
+        peak_flops_per_device(d.device, precision),
+        start_step=step,
+    )
     timer = StepTimer(d.device)
     stop = StopSignal()
     batches = iter(train_loader)
@@ -158,11 +190,23 @@ def train(cfg) -> dict:
     start_step, start_time = step, time.perf_counter()
 
     def save():
-        checkpoint.save(engine, ckpt_root, step,
-                        {"step": step, "tokens_seen": tokens_seen, "world_size": d.world_size,
-                         "model_config": asdict(model_cfg), "tokenizer_vocab": tokenizer.vocab_size,
-                         "tokenizer_sha256": tokenizer_sha256, "config": OmegaConf.to_container(cfg, resolve=True)},
-                        train_loader.state_dict(), int(t.keep_last), d.rank)
+        checkpoint.save(
+            engine,
+            ckpt_root,
+            step,
+            {
+                "step": step,
+                "tokens_seen": tokens_seen,
+                "world_size": d.world_size,
+                "model_config": asdict(model_cfg),
+                "tokenizer_vocab": tokenizer.vocab_size,
+                "tokenizer_sha256": tokenizer_sha256,
+                "config": OmegaConf.to_container(cfg, resolve=True),
+            },
+            train_loader.state_dict(),
+            int(t.keep_last),
+            d.rank,
+        )
 
     max_steps = int(t.max_steps)
 
@@ -194,25 +238,44 @@ def train(cfg) -> dict:
             window_loss.zero_()
             grad_norm = engine.get_global_grad_norm()
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-            values = {"train/loss": mean_loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                      "train/tokens_seen": tokens_seen, **metrics.throughput(), **memory_stats(d.device)}
+            values = {
+                "train/loss": mean_loss,
+                "train/lr": lr,
+                "train/grad_norm": grad_norm,
+                "train/tokens_seen": tokens_seen,
+                **metrics.throughput(),
+                **memory_stats(d.device),
+            }
             values.update({f"time/{k}_s": v for k, v in timer.pop().items()})  # of this step alone
             metrics.scalars(values, step)
             history["loss"][step] = mean_loss
             elapsed = time.perf_counter() - start_time
             eta = elapsed / max(1, step - start_step) * (max_steps - step)
             mfu = f" | MFU {values['train/mfu']:.1%}" if "train/mfu" in values else ""
-            log.info("step %d/%d (%.0f%%) | loss %.4f | lr %.2e | grad norm %.3f | %s tokens/s%s | ETA %s",
-                     step, max_steps, 100 * step / max_steps, mean_loss, lr, grad_norm,
-                     f"{values['train/tokens_per_sec']:,.0f}", mfu, _duration(eta))
+            log.info(
+                "step %d/%d (%.0f%%) | loss %.4f | lr %.2e | grad norm %.3f | %s tokens/s%s | ETA %s",
+                step,
+                max_steps,
+                100 * step / max_steps,
+                mean_loss,
+                lr,
+                grad_norm,
+                f"{values['train/tokens_per_sec']:,.0f}",
+                mfu,
+                _duration(eta),
+            )
 
         if due(step, t.eval_interval):
             from ftlm.eval.loss import evaluate
+
             val = evaluate(engine.module, val_loaders, d.device, token_bytes)
             metrics.scalars(val, step)
             history["val"][step] = val
-            log.info("validation at step %d: %s", step,
-                     ", ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in sorted(val.items())))
+            log.info(
+                "validation at step %d: %s",
+                step,
+                ", ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in sorted(val.items())),
+            )
 
         if due(step, t.sample_interval) and step < max_steps:  # the last step's samples come below
             for prompt, text in samples(engine.module, tokenizer, t).items():
@@ -232,8 +295,12 @@ def train(cfg) -> dict:
     metrics.close()
     losses = list(history["loss"].values())
     if len(losses) >= 2:
-        log.info("loss went from %.4f to %.4f (%.0f%% of the first logged value)", losses[0], losses[-1],
-                 100 * losses[-1] / losses[0])
+        log.info(
+            "loss went from %.4f to %.4f (%.0f%% of the first logged value)",
+            losses[0],
+            losses[-1],
+            100 * losses[-1] / losses[0],
+        )
     log.info("done: %d steps, run directory %s", step, run_dir)
     history["samples"] = final
     return history
@@ -252,7 +319,9 @@ def samples(model, tokenizer, t) -> dict[str, str]:
 
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
 
 
 @hydra_app()

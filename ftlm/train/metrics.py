@@ -1,4 +1,5 @@
 """What the run reports: log lines, TensorBoard scalars and text, throughput and step-time breakdown."""
+
 from __future__ import annotations
 
 import logging
@@ -18,8 +19,12 @@ def setup_logging(run_dir: Path | None, rank: int) -> None:
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s" if rank == 0 else
-                            f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", "%H:%M:%S")
+    fmt = logging.Formatter(
+        "%(asctime)s %(levelname)s %(message)s"
+        if rank == 0
+        else f"%(asctime)s [rank {rank}] %(levelname)s %(message)s",
+        "%H:%M:%S",
+    )
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(fmt)
     root.addHandler(console)
@@ -67,13 +72,25 @@ class StepTimer:
 class Metrics:
     """TensorBoard on rank 0 plus a per-interval throughput meter."""
 
-    def __init__(self, run_dir: Path, enabled: bool, is_main: bool, world_size: int, tokens_per_step: int,
-                 flops_per_token: float | None = None, peak_flops: float | None = None, start_step: int = 0):
+    def __init__(
+        self,
+        run_dir: Path,
+        enabled: bool,
+        is_main: bool,
+        world_size: int,
+        tokens_per_step: int,
+        flops_per_token: float | None = None,
+        peak_flops: float | None = None,
+        start_step: int = 0,
+    ):
         self.writer = None
         if enabled and is_main:
             from torch.utils.tensorboard import SummaryWriter
+
             # On resume, drop what a crashed run logged after its last checkpoint: those steps are redone.
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+            self.writer = SummaryWriter(
+                log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None
+            )
         self.world_size = world_size
         self.tokens_per_step = tokens_per_step
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
@@ -97,8 +114,11 @@ class Metrics:
         elapsed = max(time.perf_counter() - self.interval_start, 1e-9)
         tokens_per_sec = self.tokens_per_step * self.interval_steps / elapsed
         per_device = tokens_per_sec / self.world_size
-        out = {"train/tokens_per_sec": tokens_per_sec, "train/tokens_per_sec_per_device": per_device,
-               "train/step_time_s": elapsed / max(1, self.interval_steps)}
+        out = {
+            "train/tokens_per_sec": tokens_per_sec,
+            "train/tokens_per_sec_per_device": per_device,
+            "train/step_time_s": elapsed / max(1, self.interval_steps),
+        }
         if self.flops_per_token and self.peak_flops:
             out["train/mfu"] = per_device * self.flops_per_token / self.peak_flops
         self.interval_start, self.interval_steps = time.perf_counter(), 0
@@ -113,6 +133,8 @@ def memory_stats(device: torch.device) -> dict[str, float]:
     if device.type != "cuda":
         return {}
     gib = 2**30
-    return {"memory/allocated_gib": torch.cuda.memory_allocated(device) / gib,
-            "memory/reserved_gib": torch.cuda.memory_reserved(device) / gib,
-            "memory/peak_allocated_gib": torch.cuda.max_memory_allocated(device) / gib}
+    return {
+        "memory/allocated_gib": torch.cuda.memory_allocated(device) / gib,
+        "memory/reserved_gib": torch.cuda.memory_reserved(device) / gib,
+        "memory/peak_allocated_gib": torch.cuda.max_memory_allocated(device) / gib,
+    }

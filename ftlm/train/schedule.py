@@ -1,4 +1,5 @@
 """Learning-rate schedule: linear warmup, then cosine decay to a floor, then flat at the floor."""
+
 import math
 
 
@@ -16,4 +17,5 @@ def build_scheduler(optimizer, trainer_cfg):
     warmup = int(trainer_cfg.warmup_steps)
     decay = trainer_cfg.decay_steps if trainer_cfg.decay_steps is not None else max(1, trainer_cfg.max_steps - warmup)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, warmup, int(decay), float(trainer_cfg.min_lr_ratio)))
+        optimizer, lambda step: lr_multiplier(step, warmup, int(decay), float(trainer_cfg.min_lr_ratio))
+    )

@@ -26,6 +26,7 @@ def make_data_config():
 def embedded_prepared(tmp_path_factory):
     """The embedded corpus prepared once per session (about 5 s)."""
     from ftlm.data.prepare import prepare
+
     out = tmp_path_factory.mktemp("embedded")
     cfg = data_config(out)
     return cfg, prepare(OmegaConf.create(cfg))

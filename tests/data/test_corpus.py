@@ -8,9 +8,11 @@ from ftlm.data.clean import HANGUL, LATIN, LETTER, count
 
 def test_embedded_corpus_comes_from_installed_files_without_konlpy_java():
     # In a fresh interpreter: building the corpus must not import konlpy's modules (they start a JVM).
-    code = ("import sys, json; from ftlm.data import corpus; "
-            "ko = list(corpus.korean_documents()); en = list(corpus.english_documents()); "
-            "print(json.dumps({'ko': len(ko), 'en': len(en), 'konlpy': sorted(m for m in sys.modules if m.startswith(('konlpy', 'jpype')))}))")
+    code = (
+        "import sys, json; from ftlm.data import corpus; "
+        "ko = list(corpus.korean_documents()); en = list(corpus.english_documents()); "
+        "print(json.dumps({'ko': len(ko), 'en': len(en), 'konlpy': sorted(m for m in sys.modules if m.startswith(('konlpy', 'jpype')))}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     result = json.loads(out.stdout)
     assert result["konlpy"] == []
@@ -19,8 +21,10 @@ def test_embedded_corpus_comes_from_installed_files_without_konlpy_java():
 
 
 def test_documents_are_real_text_in_their_language():
-    for docs, script, minimum in ((list(corpus.korean_documents()), HANGUL, 0.9),
-                                  (list(corpus.english_documents()), LATIN, 0.9)):
+    for docs, script, minimum in (
+        (list(corpus.korean_documents()), HANGUL, 0.9),
+        (list(corpus.english_documents()), LATIN, 0.9),
+    ):
         letters = sum(count(LETTER, d["text"]) for d in docs)
         assert sum(count(script, d["text"]) for d in docs) > minimum * letters
         assert all(d["text"].strip() and d["source"] for d in docs)

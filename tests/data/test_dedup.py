@@ -4,8 +4,10 @@ import pytest
 
 from ftlm.data.dedup import DedupConfig, Deduplicator, Fingerprinter
 
-WORDS = ("river mountain data model token cloud garden window letter market silver engine harbor candle "
-         "forest ladder pepper violin orbit meadow canyon bridge lantern pillow rocket saddle tunnel").split()
+WORDS = (
+    "river mountain data model token cloud garden window letter market silver engine harbor candle "
+    "forest ladder pepper violin orbit meadow canyon bridge lantern pillow rocket saddle tunnel"
+).split()
 
 
 def document(seed: int, n_words: int = 220) -> str:

@@ -1,4 +1,5 @@
 """End to end: messy input files -> prepare -> shards, with every problem counted and every good document kept."""
+
 import gzip
 import json
 import os
@@ -45,10 +46,20 @@ def messy(tmp_path_factory, make_data_config):
         return json.dumps({"text": text}, ensure_ascii=False)
 
     # ko/main.jsonl: BOM, CRLF, malformed JSON, missing/non-string/null/empty fields, decomposed jamo, no final newline
-    lines = [line(ko[0]), "{not json", line(ko[1]), json.dumps({"body": ko[2]}), json.dumps({"text": 42}),
-             json.dumps({"text": None}), json.dumps({"text": ""}), json.dumps({"text": "   "}),
-             line(ko[3].replace(" ", " \u200b", 1)), line(__import__("unicodedata").normalize("NFD", ko[4])),
-             json.dumps(["a", "list"]), line(ko[5])]
+    lines = [
+        line(ko[0]),
+        "{not json",
+        line(ko[1]),
+        json.dumps({"body": ko[2]}),
+        json.dumps({"text": 42}),
+        json.dumps({"text": None}),
+        json.dumps({"text": ""}),
+        json.dumps({"text": "   "}),
+        line(ko[3].replace(" ", " \u200b", 1)),
+        line(__import__("unicodedata").normalize("NFD", ko[4])),
+        json.dumps(["a", "list"]),
+        line(ko[5]),
+    ]
     (root / "ko").mkdir()
     (root / "ko" / "main.jsonl").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode("utf-8"))
     good["ko"] += [ko[0], ko[3], ko[4], ko[5]]
@@ -65,13 +76,16 @@ def messy(tmp_path_factory, make_data_config):
     with gzip.open(root / "ko" / "docs.txt.gz", "wt", encoding="utf-8") as f:
         f.write(f"{ko[9]}\n\n\n{ko[10]}\n")
     import zstandard
-    (root / "ko" / "docs.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(
-        (line(ko[11]) + "\n" + line(ko[12]) + "\n").encode()))
+
+    (root / "ko" / "docs.jsonl.zst").write_bytes(
+        zstandard.ZstdCompressor().compress((line(ko[11]) + "\n" + line(ko[12]) + "\n").encode())
+    )
     good["ko"] += [ko[9], ko[10], ko[11], ko[12]]
     # exact and near duplicates across files of the stream; files are read in sorted order, so the copies in
     # dups.jsonl are seen first and kept, and those in main.jsonl are dropped
-    (root / "ko" / "dups.jsonl").write_text(line(ko[0]) + "\n" + line(ko[1] + " 추가") + "\n" + line(ko[13]) + "\n",
-                                            encoding="utf-8")
+    (root / "ko" / "dups.jsonl").write_text(
+        line(ko[0]) + "\n" + line(ko[1] + " 추가") + "\n" + line(ko[13]) + "\n", encoding="utf-8"
+    )
     good["ko"] += [ko[1] + " 추가", ko[13]]
     # an English document in the Korean stream fails the language check
     (root / "ko" / "wrong.jsonl").write_text(line(en[0]) + "\n" + line(ko[14]) + "\n", encoding="utf-8")
@@ -80,6 +94,7 @@ def messy(tmp_path_factory, make_data_config):
     (root / "en").mkdir()
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     pq.write_table(pa.table({"text": [en[1], None, en[2], ""]}), root / "en" / "a.parquet")
     (root / "en" / "b.txt").write_text(f"{en[3]}\n\n{en[4]}\n\n\n{en[5]}", encoding="utf-8")  # no final newline
     (root / "en" / "c.jsonl").write_text("\n".join(line(t) for t in en[6:10]) + "\n", encoding="utf-8")
@@ -91,14 +106,25 @@ def messy(tmp_path_factory, make_data_config):
 
 def messy_config(root, out, **overrides):
     return data_config(
-        out, name="messy", sources={"ko": [str(root / "ko")], "en": [str(root / "en" / "*")]}, mix={"ko": 0.6, "en": 0.4},
-        max_line_bytes=MAX_LINE, val_fraction=0.2, val_min_docs=1,
-        clean={"min_chars": 40, "min_words": 8}, tokenizer={"vocab_size": 600, "sample_chars": 100000},
-        **overrides)
+        out,
+        name="messy",
+        sources={"ko": [str(root / "ko")], "en": [str(root / "en" / "*")]},
+        mix={"ko": 0.6, "en": 0.4},
+        max_line_bytes=MAX_LINE,
+        val_fraction=0.2,
+        val_min_docs=1,
+        clean={"min_chars": 40, "min_words": 8},
+        tokenizer={"vocab_size": 600, "sample_chars": 100000},
+        **overrides,
+    )
 
 
 def decoded_split_texts(out, stream, tokenizer):
-    return [tokenizer.decode(t.tolist()) for split in ("train", "val") for t in read_split(split_dir(str(out), stream, split))]
+    return [
+        tokenizer.decode(t.tolist())
+        for split in ("train", "val")
+        for t in read_split(split_dir(str(out), stream, split))
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -191,19 +217,26 @@ def test_changed_settings_prepare_again(messy, tmp_path):
     assert third.stats["tokenizer"]["vocab_size"] == first.stats["tokenizer"]["vocab_size"]
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"mix": {"ko": 0.6, "en": 0.3}}, "data.mix shares must sum to 1"),
-    ({"mix": {"ko": 0.5, "en": 0.3, "de": 0.2}}, r"data.mix names unknown stream\(s\) \['de'\]"),
-    ({"mix": {"ko": 1.0}}, r"data.mix has no share for stream\(s\) \['en'\]"),
-    ({"sources": {"ko": ["/no/such/file.jsonl"], "en": ["/no/such/dir/*.jsonl"]}, "mix": None},
-     "data.sources.ko: no such file or directory: /no/such/file.jsonl"),
-    ({"sources": {"ko": ["/tmp/ftlm-nothing-matches-*.jsonl"]}, "mix": None, "lang": {"ko": "ko"}},
-     r"data.sources.ko: no file matches /tmp/ftlm-nothing-matches-\*.jsonl"),
-    ({"val_fraction": 0.9}, "data.val_fraction"),
-    ({"shard_compression": "lzma"}, "data.shard_compression"),
-    ({"tokenizer": {"vocab_size": 10}}, "data.tokenizer.vocab_size"),
-    ({"lang": {"ko": "kr"}}, "data.lang.ko"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"mix": {"ko": 0.6, "en": 0.3}}, "data.mix shares must sum to 1"),
+        ({"mix": {"ko": 0.5, "en": 0.3, "de": 0.2}}, r"data.mix names unknown stream\(s\) \['de'\]"),
+        ({"mix": {"ko": 1.0}}, r"data.mix has no share for stream\(s\) \['en'\]"),
+        (
+            {"sources": {"ko": ["/no/such/file.jsonl"], "en": ["/no/such/dir/*.jsonl"]}, "mix": None},
+            "data.sources.ko: no such file or directory: /no/such/file.jsonl",
+        ),
+        (
+            {"sources": {"ko": ["/tmp/ftlm-nothing-matches-*.jsonl"]}, "mix": None, "lang": {"ko": "ko"}},
+            r"data.sources.ko: no file matches /tmp/ftlm-nothing-matches-\*.jsonl",
+        ),
+        ({"val_fraction": 0.9}, "data.val_fraction"),
+        ({"shard_compression": "lzma"}, "data.shard_compression"),
+        ({"tokenizer": {"vocab_size": 10}}, "data.tokenizer.vocab_size"),
+        ({"lang": {"ko": "kr"}}, "data.lang.ko"),
+    ],
+)
 def test_bad_config_fails_before_any_work(messy, tmp_path, change, message):
     root, _ = messy
     out = tmp_path / "never_created"

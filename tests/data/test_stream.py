@@ -111,7 +111,9 @@ def test_val_loaders_are_finite_reiterable_and_equal_in_length_across_ranks(embe
         first, second = list(per_rank[0][stream]), list(per_rank[0][stream])
         assert all(torch.equal(a, b) and a.shape == (MB, SEQ + 1) for a, b in zip(first, second))
     val_docs = {tuple(t.tolist()) for t in read_split(split_dir(embedded_prepared[0]["out_dir"], "ko", "val"))}
-    assert val_docs and not val_docs & {tuple(t.tolist()) for t in read_split(split_dir(embedded_prepared[0]["out_dir"], "ko", "train"))}
+    assert val_docs and not val_docs & {
+        tuple(t.tolist()) for t in read_split(split_dir(embedded_prepared[0]["out_dir"], "ko", "train"))
+    }
 
 
 def test_unprepared_data_and_bad_mix_are_clear_errors(embedded_prepared, tmp_path):
@@ -129,8 +131,12 @@ def test_compressed_shards_stream_through_the_cache(embedded_prepared, make_data
     cfg, prepared = embedded_prepared
     corpus_dir = Path(cfg["out_dir"]) / "corpus"
     compressed = make_data_config(
-        tmp_path, name="zstd", sources={"ko": [str(corpus_dir / "ko.jsonl")], "en": [str(corpus_dir / "en.jsonl")]},
-        shard_compression="zstd", tokenizer=dict(cfg["tokenizer"], path=prepared.tokenizer_path))
+        tmp_path,
+        name="zstd",
+        sources={"ko": [str(corpus_dir / "ko.jsonl")], "en": [str(corpus_dir / "en.jsonl")]},
+        shard_compression="zstd",
+        tokenizer=dict(cfg["tokenizer"], path=prepared.tokenizer_path),
+    )
     result = prepare(OmegaConf.create(compressed))
     assert list(Path(split_dir(str(tmp_path), "ko", "train")).glob("*.mds.zstd"))
     for split in ("train", "val"):
@@ -147,16 +153,30 @@ def test_two_processes_as_two_nodes_on_one_machine(embedded_prepared):
     with a gloo process group: their streaming shared memory must not collide, each must see what an in-process
     loader of its rank sees, and the gathered loader state must resume both exactly."""
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cfg = embedded_prepared[0]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port)}
-    procs = [subprocess.Popen([sys.executable, str(Path(__file__).parent / "stream_worker.py"), json.dumps(cfg)],
-                              env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for r in range(2)]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "WORLD_SIZE": "2",
+        "LOCAL_WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(Path(__file__).parent / "stream_worker.py"), json.dumps(cfg)],
+            env={**env, "RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
     outputs = []
     for proc in procs:
         out, err = proc.communicate(timeout=120)
@@ -166,6 +186,7 @@ def test_two_processes_as_two_nodes_on_one_machine(embedded_prepared):
     assert outputs[0]["val_batches"] == outputs[1]["val_batches"]
     sys.path.insert(0, str(Path(__file__).parent))
     from stream_worker import digest
+
     # state_dict() gathered both ranks' positions; either rank's copy resumes any rank exactly
     assert outputs[0]["state"] == outputs[1]["state"] and set(outputs[0]["state"]["ranks"]) == {"0", "1"}
     for rank, output in enumerate(outputs):

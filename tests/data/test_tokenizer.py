@@ -8,8 +8,8 @@ from ftlm.data.tokenizer import EOT, PAD, Tokenizer, extend_tokenizer, train_tok
 
 KOREAN_CASES = [
     "대한민국은 민주공화국이다.",
-    "똻 뷁 뾟 쀍 꿻 햏 — 드문 음절도 바이트로 남는다",       # rare syllables WordPiece would turn into [UNK]
-    "옛한글: ᄒᆞᆫ글, ᄀᆞᄅᆞᆷ, ᄫᅡᆯ, ᅀᅵ (아래아와 옛 자모)",      # old Hangul: conjoining jamo with no precomposed form
+    "똻 뷁 뾟 쀍 꿻 햏 — 드문 음절도 바이트로 남는다",  # rare syllables WordPiece would turn into [UNK]
+    "옛한글: ᄒᆞᆫ글, ᄀᆞᄅᆞᆷ, ᄫᅡᆯ, ᅀᅵ (아래아와 옛 자모)",  # old Hangul: conjoining jamo with no precomposed form
     "호환 자모 ㄱㄴㄷ ㅏㅑㅓ 와 반각 ﾡﾢ",
     "이모지 😀👍🏽🇰🇷 👨‍👩‍👧 와 함께",
     "def 합계(값들):\n    return sum(값들)  # 코드 속 한글\n",
@@ -88,8 +88,9 @@ def test_transformers_loads_the_tokenizer_json(tokenizer):
 
 def test_extending_keeps_every_old_id_and_shortens_korean(tokenizer):
     base, _ = tokenizer
-    english_only = train_tokenizer([d["text"] for d in corpus.english_documents()][:150], vocab_size=800,
-                                   show_progress=False)
+    english_only = train_tokenizer(
+        [d["text"] for d in corpus.english_documents()][:150], vocab_size=800, show_progress=False
+    )
     korean = [d["text"] for d in corpus.korean_documents()]
     extended = extend_tokenizer(english_only, korean, new_vocab_size=1200, show_progress=False)
     old_vocab = english_only.backend.get_vocab(with_added_tokens=True)

@@ -1,4 +1,5 @@
 """Bits per byte: checked against values computed by hand on models whose probabilities are known."""
+
 import json
 import math
 

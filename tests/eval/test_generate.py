@@ -1,4 +1,5 @@
 """Generation: the KV cache changes nothing but the cost, the sampling filters, end-of-text, streaming, the CLI."""
+
 import pytest
 import torch
 
@@ -10,8 +11,22 @@ PROMPT = [5, 77, 301, 12, 9, 140, 33]  # 7 tokens: an odd length
 
 
 def tiny_model(seed=0, **overrides) -> GPT:
-    cfg = GPTConfig(**{**dict(vocab_size=512, max_seq_len=64, n_layer=2, n_head=4, n_kv_heads=2, d_model=64,
-                                attn_impl="sdpa", norm_impl="torch", init_std=0.2), **overrides})
+    cfg = GPTConfig(
+        **{
+            **dict(
+                vocab_size=512,
+                max_seq_len=64,
+                n_layer=2,
+                n_head=4,
+                n_kv_heads=2,
+                d_model=64,
+                attn_impl="sdpa",
+                norm_impl="torch",
+                init_std=0.2,
+            ),
+            **overrides,
+        }
+    )
     torch.manual_seed(seed)
     return GPT(cfg).eval()
 
@@ -27,8 +42,21 @@ def test_kv_cache_equals_no_cache_greedy(norm, mlp):
 
 def test_kv_cache_equals_no_cache_sampling():
     model = tiny_model(1)
-    runs = [list(generate(model, PROMPT, 30, temperature=1.0, top_k=100, top_p=0.9, use_cache=c,
-                          generator=torch.Generator().manual_seed(7))) for c in (True, False)]
+    runs = [
+        list(
+            generate(
+                model,
+                PROMPT,
+                30,
+                temperature=1.0,
+                top_k=100,
+                top_p=0.9,
+                use_cache=c,
+                generator=torch.Generator().manual_seed(7),
+            )
+        )
+        for c in (True, False)
+    ]
     assert runs[0] == runs[1]
     assert runs[0] != list(generate(model, PROMPT, 30))  # sampling, not greedy
 
@@ -58,7 +86,7 @@ def test_stops_at_eos():
     eos = free[4]
     first = free.index(eos)
     stopped = list(generate(model, PROMPT, 30, eos_id=eos))
-    assert stopped == free[:first + 1]
+    assert stopped == free[: first + 1]
 
 
 def test_never_runs_past_max_seq_len():
@@ -100,11 +128,26 @@ def test_stream_decoder_never_prints_half_a_syllable(tiny_run_dir):
 
 
 def test_cli_streams_greedy_continuation(tiny_run_dir, capsys):
-    assert main([str(tiny_run_dir), "--prompt", "대한민국은", "--max-new-tokens", "8", "--temperature", "0",
-                 "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                str(tiny_run_dir),
+                "--prompt",
+                "대한민국은",
+                "--max-new-tokens",
+                "8",
+                "--temperature",
+                "0",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.startswith("대한민국은") and out.endswith("\n")
     from ftlm.checkpoint_io import load
+
     loaded = load(tiny_run_dir)
     ids = list(generate(loaded.model, loaded.tokenizer.encode("대한민국은"), 8, eos_id=loaded.tokenizer.eot_id))
     expected = loaded.tokenizer.decode([i for i in ids if i != loaded.tokenizer.eot_id], skip_special_tokens=True)

@@ -4,6 +4,7 @@
 
 Runs in its own process so that torch.distributed (DeepSpeed's group of one) stays out of pytest's.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,8 +55,9 @@ def main(run_dir: Path, extra: list[str]) -> None:
     assert n_vocab <= model_cfg.vocab_size
     # The trainer and deepspeed groups straight from conf/, so the fixture follows the shipped defaults.
     trainer = OmegaConf.load(CONF_DIR / "trainer" / "default.yaml")
-    trainer.merge_with_dotlist(["micro_batch_size=2", "grad_accum=1", "seq_len=32", "warmup_steps=0", "max_steps=2",
-                                "lr=1e-2"])
+    trainer.merge_with_dotlist(
+        ["micro_batch_size=2", "grad_accum=1", "seq_len=32", "warmup_steps=0", "max_steps=2", "lr=1e-2"]
+    )
     preset = next((e.split("=", 1)[1] for e in extra if e.startswith("deepspeed=")), "zero3")
     ds_cfg = OmegaConf.load(CONF_DIR / "deepspeed" / f"{preset}.yaml")
 
@@ -72,13 +74,20 @@ def main(run_dir: Path, extra: list[str]) -> None:
         engine.step()
     config = {"model": asdict(model_cfg), "trainer": OmegaConf.to_container(trainer)}
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config))
-    state = {"step": 2, "tokens_seen": 2 * 2 * 32, "world_size": d.world_size, "model_config": asdict(model_cfg),
-             "tokenizer_vocab": n_vocab, "tokenizer_sha256": checkpoint.tokenizer_fingerprint(run_dir / "tokenizer.json"),
-             "config": config}
+    state = {
+        "step": 2,
+        "tokens_seen": 2 * 2 * 32,
+        "world_size": d.world_size,
+        "model_config": asdict(model_cfg),
+        "tokenizer_vocab": n_vocab,
+        "tokenizer_sha256": checkpoint.tokenizer_fingerprint(run_dir / "tokenizer.json"),
+        "config": config,
+    }
     checkpoint.save(engine, run_dir / "checkpoints", 2, state, {"position": 0}, keep_last=3, rank=d.rank)
     # The trained weights, gathered by DeepSpeed itself, so tests can check consolidation against them.
     import deepspeed
     from safetensors.torch import save_file
+
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
         reference = {k: v.detach().clone().contiguous() for k, v in engine.module.state_dict().items()}
     save_file(reference, str(run_dir / "reference_weights.safetensors"))

@@ -1,4 +1,5 @@
 """Loading a model from a run directory, a checkpoint or an export, and the errors raised before any weights load."""
+
 import shutil
 
 import pytest
@@ -35,8 +36,10 @@ def test_not_a_model_directory(tmp_path):
 @pytest.fixture
 def weights_untouchable(monkeypatch):
     """Reading weights fails loudly: an error raised with this active was raised before any weights were read."""
+
     def boom(*args, **kwargs):
         raise AssertionError("weights were read before the error was found")
+
     monkeypatch.setattr(cio, "consolidate", boom)
     monkeypatch.setattr(cio, "read_state_dict", boom)
 
@@ -119,6 +122,7 @@ def test_torn_checkpoint_is_refused(tiny_run_dir, tmp_path):
 
 def test_hugging_face_directory_is_pointed_out(tiny_run_dir, tmp_path):
     from ftlm.export import export
+
     export(tiny_run_dir, tmp_path / "out", dtype="fp32")
     with pytest.raises(cio.CheckpointError, match="Hugging Face model directory"):
         cio.load(tmp_path / "out" / "hf")
@@ -129,7 +133,8 @@ def test_tokenizer_other_than_the_one_trained_with(tiny_run_dir, tmp_path, weigh
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run_dir, run)
-    train_tokenizer(["completely different text, 다른 글"] * 8, 300, min_frequency=1,
-                    show_progress=False).save(str(run / "tokenizer.json"))
+    train_tokenizer(["completely different text, 다른 글"] * 8, 300, min_frequency=1, show_progress=False).save(
+        str(run / "tokenizer.json")
+    )
     with pytest.raises(cio.CheckpointError, match=r"has \d+ tokens but .* was trained with a 400-token tokenizer"):
         cio.load(run)

@@ -1,4 +1,5 @@
 """ftlm-export: consolidation of ZeRO-3 shards, the ftlm files, and Hugging Face parity for both architectures."""
+
 import json
 import os
 import subprocess
@@ -20,14 +21,25 @@ TEXT = "대한민국은 민주공화국이다. The function returns 42."
 
 def random_gpt(seed: int, **overrides) -> GPT:
     """A small GPT whose every weight (norms and biases too) is random, so no term of the mapping hides."""
-    cfg = GPTConfig(vocab_size=512, max_seq_len=64, n_layer=2, n_head=4, d_model=64, attn_impl="sdpa",
-                    norm_impl="torch", **overrides)
+    cfg = GPTConfig(
+        vocab_size=512,
+        max_seq_len=64,
+        n_layer=2,
+        n_head=4,
+        d_model=64,
+        attn_impl="sdpa",
+        norm_impl="torch",
+        **overrides,
+    )
     torch.manual_seed(seed)
     model = GPT(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name and name.endswith("weight")
-                    else 0.2 * torch.randn_like(p))
+            p.copy_(
+                1.0 + 0.2 * torch.randn_like(p)
+                if "norm" in name and name.endswith("weight")
+                else 0.2 * torch.randn_like(p)
+            )
     return model
 
 
@@ -40,14 +52,30 @@ def hf_logits(hf_dir, ids):
 
 
 ARCHS = {
-    "llama_gqa_tied": (dict(norm="rmsnorm", mlp="swiglu", n_kv_heads=2, tie_embeddings=True, bias=False),
-                       "LlamaForCausalLM"),
-    "llama_untied_bias": (dict(norm="rmsnorm", mlp="swiglu", n_kv_heads=4, tie_embeddings=False, bias=True,
-                               rope_theta=500000.0, norm_eps=1e-6), "LlamaForCausalLM"),
-    "neox_gqa_tied": (dict(norm="layernorm", mlp="gelu", n_kv_heads=2, tie_embeddings=True, bias=False),
-                      "GPTNeoXForCausalLM"),
-    "neox_untied_bias": (dict(norm="layernorm", mlp="gelu", n_kv_heads=4, tie_embeddings=False, bias=True,
-                              rope_theta=20000.0), "GPTNeoXForCausalLM"),
+    "llama_gqa_tied": (
+        dict(norm="rmsnorm", mlp="swiglu", n_kv_heads=2, tie_embeddings=True, bias=False),
+        "LlamaForCausalLM",
+    ),
+    "llama_untied_bias": (
+        dict(
+            norm="rmsnorm",
+            mlp="swiglu",
+            n_kv_heads=4,
+            tie_embeddings=False,
+            bias=True,
+            rope_theta=500000.0,
+            norm_eps=1e-6,
+        ),
+        "LlamaForCausalLM",
+    ),
+    "neox_gqa_tied": (
+        dict(norm="layernorm", mlp="gelu", n_kv_heads=2, tie_embeddings=True, bias=False),
+        "GPTNeoXForCausalLM",
+    ),
+    "neox_untied_bias": (
+        dict(norm="layernorm", mlp="gelu", n_kv_heads=4, tie_embeddings=False, bias=True, rope_theta=20000.0),
+        "GPTNeoXForCausalLM",
+    ),
 }
 
 
@@ -132,9 +160,21 @@ def zero2_llama_run(tmp_path_factory) -> Path:
     script = Path(__file__).resolve().parents[1] / "eval" / "tiny_run.py"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(script.parents[2]))
-    proc = subprocess.run([sys.executable, str(script), str(run), "deepspeed=zero2", "model.norm=rmsnorm",
-                           "model.mlp=swiglu", "model.tie_embeddings=false"], capture_output=True, text=True, env=env,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            str(run),
+            "deepspeed=zero2",
+            "model.norm=rmsnorm",
+            "model.mlp=swiglu",
+            "model.tie_embeddings=false",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run
 

@@ -3,6 +3,7 @@
 TRITON_INTERPRET=1 is set only for the duration of each kernel test (monkeypatch), so it does not leak
 into other test directories of the same pytest process. ftlm's Triton kernels read it at launch time.
 """
+
 import pytest
 import torch
 

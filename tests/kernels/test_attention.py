@@ -1,4 +1,5 @@
 """flash_attention against a float64 reference: forward and all gradients, awkward shapes, GQA, causal."""
+
 import pytest
 import torch
 
@@ -8,8 +9,9 @@ from ftlm.kernels import reference
 GPU = torch.cuda.is_available()
 
 
-def run_and_compare(device, rel_err, b, hq, hkv, t, s, d, causal, dtype=torch.float32, tol=2e-3, scale=None,
-                    strided=False):
+def run_and_compare(
+    device, rel_err, b, hq, hkv, t, s, d, causal, dtype=torch.float32, tol=2e-3, scale=None, strided=False
+):
     gen = torch.Generator().manual_seed(1000 * t + 10 * hq + d)
     if strided:
         # As in the model: q, k, v are views into one projection output, with rows of stride (hq + 2 hkv) * d.
@@ -30,15 +32,21 @@ def run_and_compare(device, rel_err, b, hq, hkv, t, s, d, causal, dtype=torch.fl
     out = kernels.flash_attention(q, k, v, causal=causal, softmax_scale=scale)
     assert out.shape == q.shape and out.dtype == dtype
     out.backward(do.to(device, dtype))
-    for name, got, want in (("out", out, out_ref), ("dq", q.grad, q_ref.grad), ("dk", k.grad, k_ref.grad),
-                            ("dv", v.grad, v_ref.grad)):
+    for name, got, want in (
+        ("out", out, out_ref),
+        ("dq", q.grad, q_ref.grad),
+        ("dk", k.grad, k_ref.grad),
+        ("dv", v.grad, v_ref.grad),
+    ):
         err = rel_err(got, want)
         assert err < tol, f"{name}: relative error {err:.2e} >= {tol:.0e}"
 
 
 # Every sequence length with and without the causal mask, GQA ratios 1, 2, 4 spread over them.
-SEQ_CASES = [(t, causal, (1, 2, 4)[i % 3]) for i, (t, causal) in
-             enumerate((t, c) for t in (1, 17, 77, 130) for c in (True, False))]
+SEQ_CASES = [
+    (t, causal, (1, 2, 4)[i % 3])
+    for i, (t, causal) in enumerate((t, c) for t in (1, 17, 77, 130) for c in (True, False))
+]
 
 
 @pytest.mark.parametrize("t,causal,ratio", SEQ_CASES)
@@ -75,15 +83,13 @@ def test_fp16(device, rel_err):
 
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU: Triton's CPU interpreter computes bfloat16 dots wrongly")
 def test_bf16_gpu(device, rel_err):
-    run_and_compare(device, rel_err, b=2, hq=8, hkv=2, t=300, s=300, d=128, causal=True, dtype=torch.bfloat16,
-                    tol=2e-2)
+    run_and_compare(device, rel_err, b=2, hq=8, hkv=2, t=300, s=300, d=128, causal=True, dtype=torch.bfloat16, tol=2e-2)
 
 
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("d", [64, 128])
 def test_long_sequence_gpu(device, rel_err, d):
-    run_and_compare(device, rel_err, b=1, hq=4, hkv=2, t=1031, s=1031, d=d, causal=True, dtype=torch.bfloat16,
-                    tol=2e-2)
+    run_and_compare(device, rel_err, b=1, hq=4, hkv=2, t=1031, s=1031, d=d, causal=True, dtype=torch.bfloat16, tol=2e-2)
 
 
 def test_output_layout_makes_the_models_reshape_free(device):

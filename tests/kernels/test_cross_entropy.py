@@ -1,4 +1,5 @@
 """cross_entropy (native extension ftlm._C) against a float64 reference, and the fallback without it."""
+
 import sys
 import warnings
 
@@ -39,9 +40,11 @@ def compare(device, rel_err, logits, targets, dtype, tol, inplace_backward=False
 
 
 def test_extension_is_built_and_loaded():
-    assert ext.has_extension(), ("ftlm._C is not built: run `pip install --no-build-isolation -e .` "
-                                 "(or `python setup.py build_ext --inplace`)")
+    assert ext.has_extension(), (
+        "ftlm._C is not built: run `pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`)"
+    )
     from ftlm import _C
+
     assert callable(_C.cross_entropy_forward) and callable(_C.cross_entropy_backward)
     assert isinstance(_C.has_cuda(), bool)
 
@@ -67,7 +70,7 @@ def test_fp32_is_accurate_far_beyond_the_tolerance(device, rel_err):
 def test_any_leading_shape_and_other_ignore_index(device, rel_err):
     logits, targets = make_inputs(2 * 5, 333, seed=4)
     targets[targets == -100] = 7  # -100 is an ordinary (invalid) value here, so make it a real class ...
-    targets[[0, 3]] = 0           # ... and ignore class 0 instead
+    targets[[0, 3]] = 0  # ... and ignore class 0 instead
     compare(device, rel_err, logits.view(2, 5, 333), targets.view(2, 5), torch.float32, 2e-3, ignore_index=0)
 
 
@@ -94,6 +97,7 @@ def test_masked_vocabulary_entries(device, rel_err):
 @needs_ext
 def test_extension_api(device):
     from ftlm import _C
+
     logits, targets = make_inputs(7, 1001, seed=6)
     logits, targets = logits.to(device, torch.bfloat16), targets.to(device)
     loss, lse = _C.cross_entropy_forward(logits, targets, -100)
@@ -105,7 +109,7 @@ def test_extension_api(device):
     assert torch.allclose(loss.double(), want_loss, rtol=1e-5, atol=1e-5)
 
     scale = torch.tensor([0.25], device=device)
-    expected = ((torch.softmax(logits.double(), 1) - F.one_hot(targets.clamp(min=0), 1001)) * 0.25)
+    expected = (torch.softmax(logits.double(), 1) - F.one_hot(targets.clamp(min=0), 1001)) * 0.25
     expected[~keep] = 0
     grad = _C.cross_entropy_backward(logits, targets, lse, scale, -100, False)
     assert grad.dtype == torch.bfloat16 and grad.data_ptr() != logits.data_ptr()
@@ -119,6 +123,7 @@ def test_extension_api(device):
 @needs_ext
 def test_invalid_target_is_an_error_on_cpu():
     from ftlm import _C
+
     with pytest.raises(RuntimeError, match="target 12 at row 1 is outside"):
         _C.cross_entropy_forward(torch.randn(3, 12), torch.tensor([0, 12, 3]), -100)
     with pytest.raises(RuntimeError, match="must be int64"):
@@ -148,6 +153,7 @@ def test_fallback_without_extension_warns_once(monkeypatch, rel_err):
 @pytest.mark.skipif(not (GPU and ext.has_extension()), reason="needs a CUDA GPU and ftlm._C")
 def test_cuda_kernels_built_and_save_memory():
     from ftlm import _C
+
     assert _C.has_cuda(), "ftlm._C has no CUDA kernels: rebuild with FTLM_CUDA=1"
     rows, vocab = 4096, 32768
     logits = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16)

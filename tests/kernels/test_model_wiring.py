@@ -1,4 +1,5 @@
 """The model through the Triton kernels computes what it computes through PyTorch's ops."""
+
 import subprocess
 import sys
 

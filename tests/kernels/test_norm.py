@@ -32,8 +32,9 @@ def run_and_compare(device, rel_err, kind, shape, dtype, tol):
         out = kernels.layer_norm(*ins, 1e-5)
     assert out.shape == x.shape and out.dtype == dtype
     out.backward(dy.to(device, dtype))
-    pairs = [("out", out, out_ref)] + [(name, got.grad, want.grad) for name, got, want in
-                                       zip(("dx", "dweight", "dbias"), ins, refs) if got is not None]
+    pairs = [("out", out, out_ref)] + [
+        (name, got.grad, want.grad) for name, got, want in zip(("dx", "dweight", "dbias"), ins, refs) if got is not None
+    ]
     for name, got, want in pairs:
         assert got.dtype == dtype
         err = rel_err(got, want)

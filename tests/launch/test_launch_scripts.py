@@ -3,9 +3,9 @@
 Launchers (deepspeed, srun, scontrol) are replaced by stubs that print what they were given, so nothing trains
 and nothing touches the network; `.invalid` names never resolve (RFC 6761).
 """
+
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,8 +24,9 @@ printf 'ENV<%s>\\n' "RANK=${RANK:-} LOCAL_RANK=${LOCAL_RANK:-} WORLD_SIZE=${WORL
 def run(script, args=(), env=None, timeout=20):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     full_env.update(env or {})
-    return subprocess.run(["bash", str(LAUNCH / script), *args], capture_output=True, text=True, env=full_env,
-                          cwd=ROOT, timeout=timeout)
+    return subprocess.run(
+        ["bash", str(LAUNCH / script), *args], capture_output=True, text=True, env=full_env, cwd=ROOT, timeout=timeout
+    )
 
 
 def stub(tmp_path, name, body=ARGV_PRINTER):
@@ -56,8 +57,9 @@ def test_multi_node_unreachable_host_is_one_line_error(tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# comment\n\nno-such-host.invalid slots=1\n")
     start = time.monotonic()
-    out = run("multi_node.sh", ["model=tiny"], env={"HOSTFILE": str(hostfile),
-                                                    "DEEPSPEED": str(stub(tmp_path, "deepspeed"))})
+    out = run(
+        "multi_node.sh", ["model=tiny"], env={"HOSTFILE": str(hostfile), "DEEPSPEED": str(stub(tmp_path, "deepspeed"))}
+    )
     assert time.monotonic() - start < 15
     assert out.returncode != 0 and out.stdout == ""  # the launcher was never reached
     assert out.stderr.count("\n") == 1
@@ -87,22 +89,47 @@ def test_local_cpu_two_processes_on_cpu(tmp_path):
     env = {"DEEPSPEED": str(stub(tmp_path, "deepspeed")), "JOB_NAME": "laptop", "FTLM_RUNS": "/r"}
     out = run("local_cpu.sh", ["trainer.max_steps=5"], env=env)
     assert out.returncode == 0, out.stderr
-    assert printed_args(out.stdout) == ["--num_gpus", "2", "--master_port", "29500", "--module", "ftlm.train.main",
-                                        "trainer.max_steps=5", "trainer.out_dir=/r/laptop", "trainer.device=cpu"]
+    assert printed_args(out.stdout) == [
+        "--num_gpus",
+        "2",
+        "--master_port",
+        "29500",
+        "--module",
+        "ftlm.train.main",
+        "trainer.max_steps=5",
+        "trainer.out_dir=/r/laptop",
+        "trainer.device=cpu",
+    ]
     assert "DS_ACCELERATOR=cpu" in out.stdout
 
 
 def test_slurm_inside_a_fake_allocation(tmp_path):
     stub(tmp_path, "scontrol", "#!/usr/bin/env bash\nprintf 'gpu-a17\\ngpu-a18\\n'\n")
     # srun stub: drop srun's options and run the task command as task 0 of 16.
-    stub(tmp_path, "srun", "#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\n"
-                           "SLURM_PROCID=0 SLURM_LOCALID=0 exec \"$@\"\n")
+    stub(
+        tmp_path,
+        "srun",
+        '#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\nSLURM_PROCID=0 SLURM_LOCALID=0 exec "$@"\n',
+    )
     python = stub(tmp_path, "python-stub")
-    env = {"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "PYTHON": str(python), "FTLM_RUNS": "/runs",
-           "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "ko-1b3", "SLURM_JOB_NODELIST": "gpu-a[17-18]",
-           "SLURM_NTASKS": "16", "SLURM_JOB_NUM_NODES": "2"}
+    env = {
+        "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+        "PYTHON": str(python),
+        "FTLM_RUNS": "/runs",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "ko-1b3",
+        "SLURM_JOB_NODELIST": "gpu-a[17-18]",
+        "SLURM_NTASKS": "16",
+        "SLURM_JOB_NUM_NODES": "2",
+    }
     out = run("slurm.sbatch", ["model=gpt_1_3b", "trainer.lr=3e-4"], env=env)
     assert out.returncode == 0, out.stderr
-    assert printed_args(out.stdout) == ["-m", "ftlm.train.main", "model=gpt_1_3b", "trainer.lr=3e-4",
-                                        "trainer.out_dir=/runs/ko-1b3", "trainer.resume=auto"]
+    assert printed_args(out.stdout) == [
+        "-m",
+        "ftlm.train.main",
+        "model=gpt_1_3b",
+        "trainer.lr=3e-4",
+        "trainer.out_dir=/runs/ko-1b3",
+        "trainer.resume=auto",
+    ]
     assert "RANK=0 LOCAL_RANK=0 WORLD_SIZE=16 MASTER_ADDR=gpu-a17 MASTER_PORT=24242" in out.stdout

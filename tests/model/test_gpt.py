@@ -12,9 +12,15 @@ def tiny(**kw):
     return GPTConfig(**base)
 
 
-@pytest.mark.parametrize("norm,mlp,bias,tie,kv", [
-    ("layernorm", "gelu", False, True, None), ("rmsnorm", "swiglu", False, False, 2),
-    ("layernorm", "swiglu", True, True, 1), ("rmsnorm", "gelu", True, False, 4)])
+@pytest.mark.parametrize(
+    "norm,mlp,bias,tie,kv",
+    [
+        ("layernorm", "gelu", False, True, None),
+        ("rmsnorm", "swiglu", False, False, 2),
+        ("layernorm", "swiglu", True, True, 1),
+        ("rmsnorm", "gelu", True, False, 4),
+    ],
+)
 def test_shapes_and_param_count_match_closed_form(norm, mlp, bias, tie, kv):
     cfg = tiny(norm=norm, mlp=mlp, bias=bias, tie_embeddings=tie, n_kv_heads=kv)
     model = GPT(cfg)
@@ -25,13 +31,25 @@ def test_shapes_and_param_count_match_closed_form(norm, mlp, bias, tie, kv):
     assert model.num_params() == cfg.num_params()
 
 
-@pytest.mark.parametrize("preset,expected_millions", [
-    ("gpt_125m", 85), ("gpt_350m", 302), ("gpt_760m", 680), ("gpt_1_3b", 1208), ("gpt_2_7b", 2517),
-    ("gpt_6_7b", 6442), ("gpt_13b", 12583)])
+@pytest.mark.parametrize(
+    "preset,expected_millions",
+    [
+        ("gpt_125m", 85),
+        ("gpt_350m", 302),
+        ("gpt_760m", 680),
+        ("gpt_1_3b", 1208),
+        ("gpt_2_7b", 2517),
+        ("gpt_6_7b", 6442),
+        ("gpt_13b", 12583),
+    ],
+)
 def test_presets_have_gpt3_sizes(preset, expected_millions):
     """Non-embedding parameters of each preset are GPT-3's 12 * n_layer * d_model^2 (no biases, rotary)."""
     cfg = model_config(compose([f"model={preset}"]).model, tokenizer_vocab=32000)
-    assert cfg.num_params(include_embedding=False) == 12 * cfg.n_layer * cfg.d_model**2 + (2 * cfg.n_layer + 1) * cfg.d_model
+    assert (
+        cfg.num_params(include_embedding=False)
+        == 12 * cfg.n_layer * cfg.d_model**2 + (2 * cfg.n_layer + 1) * cfg.d_model
+    )
     assert round(cfg.num_params(include_embedding=False) / 1e6) == pytest.approx(expected_millions, abs=1)
     with_embedding = cfg.num_params() / 1e6
     assert with_embedding > expected_millions
@@ -91,10 +109,17 @@ def test_residual_projections_get_scaled_init():
     assert std_proj == pytest.approx(0.02 / (2 * 8) ** 0.5, rel=0.05)
 
 
-@pytest.mark.parametrize("kw,key", [
-    (dict(d_model=65), "model.d_model"), (dict(n_kv_heads=3), "model.n_kv_heads"),
-    (dict(attn_impl="magic"), "model.attn_impl"), (dict(norm="batchnorm"), "model.norm"),
-    (dict(mlp="relu"), "model.mlp"), (dict(n_layer=0), "model.n_layer")])
+@pytest.mark.parametrize(
+    "kw,key",
+    [
+        (dict(d_model=65), "model.d_model"),
+        (dict(n_kv_heads=3), "model.n_kv_heads"),
+        (dict(attn_impl="magic"), "model.attn_impl"),
+        (dict(norm="batchnorm"), "model.norm"),
+        (dict(mlp="relu"), "model.mlp"),
+        (dict(n_layer=0), "model.n_layer"),
+    ],
+)
 def test_bad_config_names_the_key(kw, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         tiny(**kw)
@@ -109,6 +134,7 @@ def test_flash_attn_missing_gives_install_hint():
     pytest.importorskip("torch")
     try:
         import flash_attn  # noqa: F401
+
         pytest.skip("flash_attn is installed here")
     except ImportError:
         pass

@@ -1,17 +1,21 @@
 """ftlm.plan against published figures, the model's own counts, DeepSpeed's estimator, and measured activations."""
+
 import json
-import math
 
 import pytest
 import torch
 
 from ftlm.model.gpt import GPT, GPTConfig
-from ftlm.plan import flops_per_token, main, peak_flops_per_device
-from ftlm.plan import hardware
+from ftlm.plan import flops_per_token, hardware, main, peak_flops_per_device
 from ftlm.plan.cli import load_model_config
 from ftlm.plan.flops import attention_flops_per_token, matmul_params
-from ftlm.plan.memory import (activation_bytes, activation_bytes_per_layer, largest_layer_params, max_micro_batch,
-                              zero3_model_states)
+from ftlm.plan.memory import (
+    activation_bytes,
+    activation_bytes_per_layer,
+    largest_layer_params,
+    max_micro_batch,
+    zero3_model_states,
+)
 
 # GPT-3 175B (Brown et al. 2020, table 2.1): 96 layers, d_model 12288, 96 heads of 128, context 2048, vocab 50257.
 GPT3 = dict(n_layer=96, d_model=12288, n_head=96, vocab_size=50257, max_seq_len=2048, bias=True)
@@ -32,7 +36,7 @@ def test_gpt3_175b_flops_per_token_against_published():
     assert 6 * matmul_params(cfg) == pytest.approx(1.05e12, rel=0.01)
     assert attention_flops_per_token(cfg, s) == 12 * l * h * s  # PaLM appendix B, no causal halving
     # Megatron-LM (Narayanan et al. 2021, eq. 3) without its recomputation pass: 72 l h^2 (1 + s/6h) + 6 h V.
-    megatron = 72 * l * h ** 2 * (1 + s / (6 * h)) + 6 * h * v
+    megatron = 72 * l * h**2 * (1 + s / (6 * h)) + 6 * h * v
     assert flops_per_token(cfg, s) == pytest.approx(megatron, rel=1e-12)
     assert flops_per_token(cfg, s) == pytest.approx(1.076e12, rel=1e-3)
 
@@ -43,8 +47,20 @@ def test_flops_per_token_equals_torch_flop_counter():
     # which is the convention.
     from torch.utils.flop_counter import FlopCounterMode
 
-    cfg = GPTConfig(vocab_size=331, max_seq_len=40, n_layer=3, n_head=6, n_kv_heads=2, d_model=48, d_ff=136,
-                    mlp="swiglu", tie_embeddings=False, bias=True, attn_impl="eager", norm_impl="torch")
+    cfg = GPTConfig(
+        vocab_size=331,
+        max_seq_len=40,
+        n_layer=3,
+        n_head=6,
+        n_kv_heads=2,
+        d_model=48,
+        d_ff=136,
+        mlp="swiglu",
+        tie_embeddings=False,
+        bias=True,
+        attn_impl="eager",
+        norm_impl="torch",
+    )
     model = GPT(cfg)
     batch, seq = 3, 37
     idx = torch.randint(0, cfg.vocab_size, (batch, seq))
@@ -76,26 +92,39 @@ def test_125m_preset_counts_match_the_model(gpt_125m):
 def test_largest_layer_matches_deepspeed_on_odd_configs():
     from deepspeed.runtime.zero.stage3 import model_to_params
 
-    for kw in (dict(vocab_size=64, d_model=96, n_head=4, d_ff=1000, mlp="swiglu", bias=True),
-               dict(vocab_size=5000, d_model=64, n_head=4, n_kv_heads=1, tie_embeddings=False),
-               dict(vocab_size=64, d_model=128, n_head=8, n_kv_heads=8)):
+    for kw in (
+        dict(vocab_size=64, d_model=96, n_head=4, d_ff=1000, mlp="swiglu", bias=True),
+        dict(vocab_size=5000, d_model=64, n_head=4, n_kv_heads=1, tie_embeddings=False),
+        dict(vocab_size=64, d_model=128, n_head=8, n_kv_heads=8),
+    ):
         cfg = GPTConfig(n_layer=2, max_seq_len=16, **kw)
         assert model_to_params(GPT(cfg)) == (cfg.num_params(), largest_layer_params(cfg)), kw
 
 
-@pytest.mark.parametrize("total, largest, gpus_per_node, nodes", [
-    (174_600_000_000, 617_558_016, 8, 128),   # GPT-3 175B on 1024 GPUs
-    (1_273_595_904, 65_536_000, 8, 1),        # gpt_1_3b on one 8-GPU node
-    (125_000_000, 24_576_000, 1, 1),          # gpt_125m on one GPU
-])
+@pytest.mark.parametrize(
+    "total, largest, gpus_per_node, nodes",
+    [
+        (174_600_000_000, 617_558_016, 8, 128),  # GPT-3 175B on 1024 GPUs
+        (1_273_595_904, 65_536_000, 8, 1),  # gpt_1_3b on one 8-GPU node
+        (125_000_000, 24_576_000, 1, 1),  # gpt_125m on one GPU
+    ],
+)
 def test_model_states_against_deepspeed_estimator(total, largest, gpus_per_node, nodes):
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs as ds_estimate
 
     n = gpus_per_node * nodes
 
     def ds(offload_optimizer, offload_params):
-        cpu, gpu, _ = ds_estimate(total, largest, gpus_per_node, nodes, cpu_offload=offload_optimizer,
-                                  cpu_offload_params=offload_params, zero_init=True, additional_buffer_factor=1.0)
+        cpu, gpu, _ = ds_estimate(
+            total,
+            largest,
+            gpus_per_node,
+            nodes,
+            cpu_offload=offload_optimizer,
+            cpu_offload_params=offload_params,
+            zero_init=True,
+            additional_buffer_factor=1.0,
+        )
         return cpu, gpu
 
     # Without offload the estimator counts 18 bytes per parameter where ftlm counts the ZeRO paper's 16
@@ -120,7 +149,7 @@ def test_model_states_against_deepspeed_all_live(gpt_125m, capsys):
     estimate_zero3_model_states_mem_needs_all_live(model, num_gpus_per_node=2, num_nodes=1)
     rows = [line for line in capsys.readouterr().out.splitlines() if "offload_optimizer=none" in line]
     ds_gpu_gb = float(rows[0].split("|")[1].strip().rstrip("GB"))  # GiB, 2 decimals
-    ours = zero3_model_states(cfg.num_params(), largest_layer_params(cfg), 2, 2, "none").gpu_bytes / 2 ** 30
+    ours = zero3_model_states(cfg.num_params(), largest_layer_params(cfg), 2, 2, "none").gpu_bytes / 2**30
     assert 16 / 18 - 0.01 <= ours / ds_gpu_gb <= 1.01
 
 
@@ -133,8 +162,9 @@ def test_activation_formula_against_saved_tensors():
     s, b, vocab = 128, 2, 2048
     for impl, flash in (("eager", False), ("sdpa", True)):
         for ckpt in (False, True):
-            cfg = GPTConfig(vocab_size=vocab, max_seq_len=s, n_layer=3, n_head=4, d_model=128, attn_impl=impl,
-                            norm_impl="torch")
+            cfg = GPTConfig(
+                vocab_size=vocab, max_seq_len=s, n_layer=3, n_head=4, d_model=128, attn_impl=impl, norm_impl="torch"
+            )
             model = GPT(cfg).to(torch.bfloat16)
             model.activation_checkpointing = ckpt
             params = {p.data_ptr() for p in model.parameters()}
@@ -168,9 +198,17 @@ def test_peak_flops_table_and_override(monkeypatch, caplog):
     monkeypatch.delenv(hardware.PEAK_ENV, raising=False)
     assert peak_flops_per_device(torch.device("cpu"), "bf16") is None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    names = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H200": 989e12,
-             "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A10G": 70e12, "NVIDIA L4": 121e12, "NVIDIA L40S": 362e12,
-             "NVIDIA GeForce RTX 4090": 165e12, "AMD Instinct MI300X": 1307e12}
+    names = {
+        "NVIDIA H100 80GB HBM3": 989e12,
+        "NVIDIA H100 PCIe": 756e12,
+        "NVIDIA H200": 989e12,
+        "NVIDIA A100-SXM4-80GB": 312e12,
+        "NVIDIA A10G": 70e12,
+        "NVIDIA L4": 121e12,
+        "NVIDIA L40S": 362e12,
+        "NVIDIA GeForce RTX 4090": 165e12,
+        "AMD Instinct MI300X": 1307e12,
+    }
     for name, peak in names.items():
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
         assert peak_flops_per_device(torch.device("cuda"), "bf16") == peak, name
@@ -187,8 +225,27 @@ def test_peak_flops_table_and_override(monkeypatch, caplog):
 
 
 def test_cli_prints_the_plan(capsys):
-    assert main(["--model", "gpt_1_3b", "--tokens", "26e9", "--gpu", "h100", "--num-gpus", "64", "--mfu", "0.45",
-                 "--seq-len", "2048", "--vocab", "32000"]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                "gpt_1_3b",
+                "--tokens",
+                "26e9",
+                "--gpu",
+                "h100",
+                "--num-gpus",
+                "64",
+                "--mfu",
+                "0.45",
+                "--seq-len",
+                "2048",
+                "--vocab",
+                "32000",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     cfg = GPTConfig(vocab_size=32000, max_seq_len=2048, n_layer=24, n_head=16, d_model=2048, name="gpt_1_3b")
     days = flops_per_token(cfg, 2048) * 26e9 / (64 * 989e12 * 0.45) / 86400
@@ -203,15 +260,24 @@ def test_cli_prints_the_plan(capsys):
 def test_cli_stats_json_and_overrides(tmp_path, capsys):
     stats = tmp_path / "stats.json"
     stats.write_text(json.dumps({"streams": {"ko": {"tokens": 3_000_000_000}, "en": {"tokens": 1_000_000_000}}}))
-    assert main(["--model", "gpt_125m", "--stats", str(stats), "model.n_layer=6", "--gpu", "a100",
-                 "--num-gpus", "8"]) == 0
+    assert (
+        main(["--model", "gpt_125m", "--stats", str(stats), "model.n_layer=6", "--gpu", "a100", "--num-gpus", "8"]) == 0
+    )
     out = capsys.readouterr().out
     assert "6 layers" in out
     assert "4B tokens (from " in out and "Chinchilla-optimal size for it: 200M parameters" in out
     # ftlm-prepare's layout: per stream tokens_train (the budget) beside tokens (train + validation).
-    stats.write_text(json.dumps({"name": "embedded", "streams": {
-        "ko": {"tokens_train": 13454, "tokens_val": 362, "tokens": 13816},
-        "en": {"tokens_train": 40000, "tokens_val": 1000, "tokens": 41000}}}))
+    stats.write_text(
+        json.dumps(
+            {
+                "name": "embedded",
+                "streams": {
+                    "ko": {"tokens_train": 13454, "tokens_val": 362, "tokens": 13816},
+                    "en": {"tokens_train": 40000, "tokens_val": 1000, "tokens": 41000},
+                },
+            }
+        )
+    )
     assert main(["--stats", str(stats)]) == 0
     assert "53.5K tokens (from " in capsys.readouterr().out
     stats.write_text(json.dumps({"total_tokens": 7_000_000}))

@@ -1,5 +1,4 @@
 import pytest
-
 from launch_util import python_prepare_cmd, run
 
 

@@ -1,10 +1,11 @@
 """`ftlm.train.main` with test hooks, run as a script (by python or the deepspeed launcher) from test_resume.py.
 
-    FTLM_TEST_KILL_AT_SEAL=<step>       SIGKILL this process when the save of <step> has written every shard but
-                                        not yet its manifest: the middle of a save, with no timing to race
-    FTLM_TEST_SAVE_AFTER_LOAD=<folder>  right after a checkpoint is loaded, save the engine's state as DeepSpeed
-                                        sees it to <folder>/after_load, so a test can compare it with the source
+FTLM_TEST_KILL_AT_SEAL=<step>       SIGKILL this process when the save of <step> has written every shard but
+                                    not yet its manifest: the middle of a save, with no timing to race
+FTLM_TEST_SAVE_AFTER_LOAD=<folder>  right after a checkpoint is loaded, save the engine's state as DeepSpeed
+                                    sees it to <folder>/after_load, so a test can compare it with the source
 """
+
 import os
 import runpy
 import signal

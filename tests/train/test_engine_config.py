@@ -46,7 +46,9 @@ def test_precision_follows_device():
 
 
 def test_no_weight_decay_on_norms_biases_embeddings():
-    model = GPT(GPTConfig(vocab_size=64, max_seq_len=16, n_layer=2, n_head=2, d_model=32, bias=True, tie_embeddings=False))
+    model = GPT(
+        GPTConfig(vocab_size=64, max_seq_len=16, n_layer=2, n_head=2, d_model=32, bias=True, tie_embeddings=False)
+    )
     decay, no_decay = param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
@@ -69,11 +71,14 @@ def test_schedule_warmup_cosine_floor():
     assert all(a >= b for a, b in zip(values, values[1:]))
 
 
-@pytest.mark.parametrize("argv,expected", [
-    (["prog", "--local_rank=1", "model=tiny"], ["prog", "model=tiny"]),
-    (["prog", "model=tiny", "--local_rank", "3"], ["prog", "model=tiny"]),
-    (["prog", "--local-rank=0", "trainer.lr=1e-3"], ["prog", "trainer.lr=1e-3"]),
-])
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (["prog", "--local_rank=1", "model=tiny"], ["prog", "model=tiny"]),
+        (["prog", "model=tiny", "--local_rank", "3"], ["prog", "model=tiny"]),
+        (["prog", "--local-rank=0", "trainer.lr=1e-3"], ["prog", "trainer.lr=1e-3"]),
+    ],
+)
 def test_launcher_local_rank_never_reaches_hydra(argv, expected):
     assert strip_launcher_args(argv) == expected
 
@@ -85,14 +90,22 @@ def test_trainer_config_errors_name_the_key(key, value):
         check_trainer_config(cfg.trainer)
 
 
-@pytest.mark.parametrize("override,key", [("model.d_model=102", "model.d_model"), ("model.n_kv_heads=3", "model.n_kv_heads"),
-                                          ("model.attn_impl=fast", "model.attn_impl"), ("trainer.seq_len=4096", "trainer.seq_len")])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("model.d_model=102", "model.d_model"),
+        ("model.n_kv_heads=3", "model.n_kv_heads"),
+        ("model.attn_impl=fast", "model.attn_impl"),
+        ("trainer.seq_len=4096", "trainer.seq_len"),
+    ],
+)
 def test_train_refuses_a_bad_config_before_any_work(override, key, tmp_path, monkeypatch):
     """The trainer fails on the config before preparing data, starting processes or allocating the model."""
     from ftlm.train import main as train_main
 
     def must_not_run(*a, **k):
         raise AssertionError("work started before the config was checked")
+
     monkeypatch.setattr(train_main, "init_distributed", must_not_run)
     cfg = compose([override, f"trainer.out_dir={tmp_path}"])
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):

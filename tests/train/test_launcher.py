@@ -1,6 +1,6 @@
 """Real training runs: the deepspeed launcher with 2 CPU processes (ZeRO-3 over gloo), and a plain process."""
-import pytest
 
+import pytest
 from launch_util import FAST, deepspeed_cmd, python_cmd, run, scalars
 
 pytestmark = pytest.mark.slow
@@ -8,17 +8,43 @@ pytestmark = pytest.mark.slow
 
 def test_two_rank_zero3_run_through_deepspeed_launcher(ftlm_cache, tmp_path):
     run_dir = tmp_path / "run"
-    run(deepspeed_cmd(2, FAST + [f"trainer.out_dir={run_dir}", "trainer.max_steps=8", "trainer.log_interval=2",
-                                        "trainer.eval_interval=4", "trainer.save_interval=4", "trainer.keep_last=1"]),
-               ftlm_cache)
+    run(
+        deepspeed_cmd(
+            2,
+            FAST
+            + [
+                f"trainer.out_dir={run_dir}",
+                "trainer.max_steps=8",
+                "trainer.log_interval=2",
+                "trainer.eval_interval=4",
+                "trainer.save_interval=4",
+                "trainer.keep_last=1",
+            ],
+        ),
+        ftlm_cache,
+    )
     log = (run_dir / "train.log").read_text()
     assert "world size 2" in log and "ZeRO stage 3" in log
     assert "global batch: 4 sequences = 2 micro-batch x 1 accumulation x 2 ranks = 128 tokens per step" in log
 
     tb = scalars(run_dir)
-    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/tokens_per_sec_per_device",
-                "train/step_time_s", "time/data_wait_s", "time/forward_s", "time/backward_s", "time/optimizer_s",
-                "val/loss", "val/ko/loss", "val/en/loss", "val/ko/bpb", "val/en/bpb"):
+    for tag in (
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_sec",
+        "train/tokens_per_sec_per_device",
+        "train/step_time_s",
+        "time/data_wait_s",
+        "time/forward_s",
+        "time/backward_s",
+        "time/optimizer_s",
+        "val/loss",
+        "val/ko/loss",
+        "val/en/loss",
+        "val/ko/bpb",
+        "val/en/bpb",
+    ):
         assert tag in tb, f"TensorBoard tag {tag} missing; have {sorted(tb)}"
     assert sorted(tb["train/loss"]) == [2, 4, 6, 8]
     assert sorted(tb["val/loss"]) == [4, 8]
@@ -41,10 +67,23 @@ def test_two_rank_zero3_run_through_deepspeed_launcher(ftlm_cache, tmp_path):
 
 def test_single_process_without_launcher_learns(ftlm_cache, tmp_path):
     run_dir = tmp_path / "run"
-    proc = run(python_cmd(FAST + [f"trainer.out_dir={run_dir}", "trainer.max_steps=60", "trainer.log_interval=5",
-                                  "trainer.micro_batch_size=4", "trainer.seq_len=64",
-                                  "trainer.eval_interval=0", "trainer.lr=3e-3", "model.norm=rmsnorm",
-                                  "model.mlp=swiglu"]), ftlm_cache)
+    proc = run(
+        python_cmd(
+            FAST
+            + [
+                f"trainer.out_dir={run_dir}",
+                "trainer.max_steps=60",
+                "trainer.log_interval=5",
+                "trainer.micro_batch_size=4",
+                "trainer.seq_len=64",
+                "trainer.eval_interval=0",
+                "trainer.lr=3e-3",
+                "model.norm=rmsnorm",
+                "model.mlp=swiglu",
+            ]
+        ),
+        ftlm_cache,
+    )
     assert "world size 1" in proc.stdout
     losses = scalars(run_dir)["train/loss"]
     assert losses[60] < 0.9 * losses[5] and losses[60] < losses[30] < losses[5]

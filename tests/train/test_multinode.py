@@ -3,10 +3,10 @@
 Exercises what only node rank 1 does: a global rank that differs from the local rank, a process that must
 not write logs, TensorBoard or the manifest, yet writes its own ZeRO shard, and its own streaming cache.
 """
+
 import subprocess
 
 import pytest
-
 from launch_util import FAST, REPO, deepspeed_cmd, env, free_port, scalars
 
 pytestmark = pytest.mark.slow
@@ -17,15 +17,34 @@ def test_two_nodes_on_localhost(ftlm_cache, tmp_path):
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
     run_dir = tmp_path / "run"
     port = str(free_port())
-    overrides = FAST + [f"trainer.out_dir={run_dir}", "trainer.max_steps=4", "trainer.log_interval=2",
-                        "trainer.eval_interval=4", "trainer.save_interval=4"]
+    overrides = FAST + [
+        f"trainer.out_dir={run_dir}",
+        "trainer.max_steps=4",
+        "trainer.log_interval=2",
+        "trainer.eval_interval=4",
+        "trainer.save_interval=4",
+    ]
     procs = []
     for node in (0, 1):
-        cmd = deepspeed_cmd(1, overrides, "--hostfile", str(hostfile), "--no_ssh", "--num_nodes", "2",
-                            "--node_rank", str(node), "--master_addr", "127.0.0.1")
+        cmd = deepspeed_cmd(
+            1,
+            overrides,
+            "--hostfile",
+            str(hostfile),
+            "--no_ssh",
+            "--num_nodes",
+            "2",
+            "--node_rank",
+            str(node),
+            "--master_addr",
+            "127.0.0.1",
+        )
         cmd[cmd.index("--master_port") + 1] = port  # both nodes meet at one rendezvous
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env(ftlm_cache), stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=REPO, env=env(ftlm_cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
     outputs = [p.communicate(timeout=400)[0] for p in procs]
     for node, (p, out) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0, f"node {node} exited {p.returncode}:\n{out[-5000:]}"

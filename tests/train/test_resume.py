@@ -5,6 +5,7 @@ Real training processes on the tiny model (fp32, ZeRO-3 on CPU). Two module fixt
 (trainer.decay_steps) so stopping at 4 and going on to 8 follows the same schedule as the straight run, and
 dropout is on so the restored RNG streams matter.
 """
+
 import json
 import os
 import shutil
@@ -13,10 +14,20 @@ import time
 
 import pytest
 import torch
+from launch_util import (
+    FAST,
+    deepspeed_cmd,
+    hooked_deepspeed_cmd,
+    hooked_python_cmd,
+    newest_scalars,
+    python_cmd,
+    run,
+    run_status,
+    scalars,
+    start,
+)
 
 from ftlm.train.schedule import lr_multiplier
-from launch_util import (FAST, deepspeed_cmd, hooked_deepspeed_cmd, hooked_python_cmd, newest_scalars, python_cmd,
-                         run, run_status, scalars, start)
 
 pytestmark = pytest.mark.slow
 
@@ -41,10 +52,15 @@ def straight(ftlm_cache, tmp_path_factory):
 def stopped(ftlm_cache, tmp_path_factory):
     """A run that stops after K steps with checkpoints at steps 2, 3 and 4 (copy it before changing it)."""
     run_dir = tmp_path_factory.mktemp("stopped") / "run"
-    run(python_cmd(COMMON + train(run_dir, f"trainer.max_steps={K}", "trainer.save_interval=1",
-                                  "trainer.keep_last=3")), ftlm_cache)
-    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == \
-        ["step_00000002", "step_00000003", "step_00000004"]  # keep_last=3 deleted step 1
+    run(
+        python_cmd(COMMON + train(run_dir, f"trainer.max_steps={K}", "trainer.save_interval=1", "trainer.keep_last=3")),
+        ftlm_cache,
+    )
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == [
+        "step_00000002",
+        "step_00000003",
+        "step_00000004",
+    ]  # keep_last=3 deleted step 1
     return run_dir
 
 
@@ -58,6 +74,7 @@ def consolidated_fp32(ckpt):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from ftlm.train.checkpoint import weights_only_loading
+
     with weights_only_loading():
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
 
@@ -65,6 +82,7 @@ def consolidated_fp32(ckpt):
 def universal_state(folder):
     """Every tensor of a universal checkpoint (parameter/fp32, exp_avg, exp_avg_sq) and its optimizer state."""
     from ftlm.train.checkpoint import weights_only_loading
+
     with weights_only_loading():
         tensors = {f"{f.parent.name}/{f.stem}": torch.load(f) for f in sorted((folder / "zero").glob("*/*.pt"))}
         optimizer = torch.load(folder / "zero" / "optimizer_state.pt")
@@ -86,6 +104,7 @@ def assert_same_universal(a, b):
 def no_decay_weight_decay(ckpt_dir):
     """weight_decay of each param group (`no_decay`: norms, embeddings) as saved in a DeepSpeed ZeRO-3 checkpoint."""
     from ftlm.train.checkpoint import weights_only_loading
+
     with weights_only_loading():
         sd = torch.load(ckpt_dir / SHARD.format("optim"))
     groups = sd["optimizer_state_dict"]["optimizer_state_dict"]["param_groups"]
@@ -117,13 +136,19 @@ def test_resume_on_two_ranks_from_one_exactly_on_two_and_back_to_one(ftlm_cache,
     one = copy_run(stopped, tmp_path / "one")
     step4 = one / "checkpoints" / "step_00000004"
     two, after_two = tmp_path / "two", tmp_path / "after_two"
-    proc = run_status(hooked_deepspeed_cmd(2, COMMON + train(two, f"trainer.resume={step4}", f"trainer.max_steps={N}",
-                                                             "trainer.save_interval=2")),
-                      ftlm_cache, {"FTLM_TEST_SAVE_AFTER_LOAD": str(after_two)})
+    proc = run_status(
+        hooked_deepspeed_cmd(
+            2, COMMON + train(two, f"trainer.resume={step4}", f"trainer.max_steps={N}", "trainer.save_interval=2")
+        ),
+        ftlm_cache,
+        {"FTLM_TEST_SAVE_AFTER_LOAD": str(after_two)},
+    )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     log = (two / "train.log").read_text()
-    assert "checkpoint written by 1 ranks, resuming on 2: re-partitioned through DeepSpeed's universal checkpoint " \
-           "format" in log
+    assert (
+        "checkpoint written by 1 ranks, resuming on 2: re-partitioned through DeepSpeed's universal checkpoint "
+        "format" in log
+    )
     assert "resuming the data loader saved by 1 rank(s) on 2 rank(s): approximate" in log
     assert f"resumed from {step4} at step 4" in log
 
@@ -137,11 +162,15 @@ def test_resume_on_two_ranks_from_one_exactly_on_two_and_back_to_one(ftlm_cache,
         assert torch.equal(tensors[f"{name}/fp32"].view(value.shape), value), name
     # ... and what the two ranks hold right after loading (weights, Adam moments, step) is that same state.
     from ftlm.train.checkpoint import convert_to_universal, validate
+
     convert_to_universal(after_two / "after_load", tmp_path / "after_two_universal")
     assert_same_universal(universal, tmp_path / "after_two_universal")
     # DeepSpeed's universal load copies the first param group's settings into all; ours keeps no decay on norms.
-    assert no_decay_weight_decay(after_two / "after_load") == no_decay_weight_decay(step4) == \
-        {"decay": 0.1, "no_decay": 0.0}
+    assert (
+        no_decay_weight_decay(after_two / "after_load")
+        == no_decay_weight_decay(step4)
+        == {"decay": 0.1, "no_decay": 0.0}
+    )
 
     # Training went on from there (the loss keeps falling from where the 1-rank run left it, no restart).
     losses = newest_scalars(two)["train/loss"]
@@ -151,8 +180,7 @@ def test_resume_on_two_ranks_from_one_exactly_on_two_and_back_to_one(ftlm_cache,
     # Same world size through the launcher: resumed from the 2-rank step 6, steps 7-8 are bitwise the same.
     again = copy_run(two, tmp_path / "again")
     shutil.rmtree(again / "checkpoints" / "step_00000008")
-    run(deepspeed_cmd(2, COMMON + train(again, f"trainer.max_steps={N}", "trainer.save_interval=100")),
-        ftlm_cache)
+    run(deepspeed_cmd(2, COMMON + train(again, f"trainer.max_steps={N}", "trainer.save_interval=100")), ftlm_cache)
     assert f"resumed from {again / 'checkpoints' / 'step_00000006'} at step 6" in (again / "train.log").read_text()
     resumed, first = newest_scalars(again), newest_scalars(two)
     for tag in ("train/loss", "train/grad_norm", "train/lr"):
@@ -162,11 +190,16 @@ def test_resume_on_two_ranks_from_one_exactly_on_two_and_back_to_one(ftlm_cache,
     step8 = two / "checkpoints" / "step_00000008"
     assert validate(step8) is None and json.loads((step8 / "trainer_state.json").read_text())["world_size"] == 2
     back, after_back = tmp_path / "back", tmp_path / "after_back"
-    proc = run_status(hooked_python_cmd(COMMON + train(back, f"trainer.resume={two}", f"trainer.max_steps={N + 2}")),
-                      ftlm_cache, {"FTLM_TEST_SAVE_AFTER_LOAD": str(after_back)})
+    proc = run_status(
+        hooked_python_cmd(COMMON + train(back, f"trainer.resume={two}", f"trainer.max_steps={N + 2}")),
+        ftlm_cache,
+        {"FTLM_TEST_SAVE_AFTER_LOAD": str(after_back)},
+    )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert "checkpoint written by 2 ranks, resuming on 1: re-partitioned through DeepSpeed's universal checkpoint " \
-           "format" in proc.stdout
+    assert (
+        "checkpoint written by 2 ranks, resuming on 1: re-partitioned through DeepSpeed's universal checkpoint "
+        "format" in proc.stdout
+    )
     assert f"resumed from {step8} at step 8" in proc.stdout
     convert_to_universal(after_back / "after_load", tmp_path / "after_back_universal")
     assert_same_universal(step8 / "universal", tmp_path / "after_back_universal")
@@ -178,8 +211,11 @@ def test_killed_mid_save_truncated_and_missing_shards_fall_back(ftlm_cache, stra
     run_dir = copy_run(stopped, tmp_path / "run")
     ckpts = run_dir / "checkpoints"
     # SIGKILL while saving step 6: every shard of step_00000006.tmp is written, its manifest is not.
-    proc = run_status(hooked_python_cmd(COMMON + train(run_dir, f"trainer.max_steps={N}", "trainer.save_interval=2")),
-                      ftlm_cache, {"FTLM_TEST_KILL_AT_SEAL": "6"})
+    proc = run_status(
+        hooked_python_cmd(COMMON + train(run_dir, f"trainer.max_steps={N}", "trainer.save_interval=2")),
+        ftlm_cache,
+        {"FTLM_TEST_KILL_AT_SEAL": "6"},
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (ckpts / "step_00000006.tmp" / SHARD.format("optim")).is_file()
     assert not (ckpts / "step_00000006").exists()
@@ -193,8 +229,10 @@ def test_killed_mid_save_truncated_and_missing_shards_fall_back(ftlm_cache, stra
 
     proc = run(python_cmd(COMMON + train(run_dir, f"trainer.max_steps={N}", "trainer.save_interval=100")), ftlm_cache)
     out = proc.stdout
-    assert f"skipping checkpoint {ckpts / 'step_00000004'}: file {SHARD.format('optim')} has {size // 2} bytes, " \
-           f"expected {size} (truncated?)" in out
+    assert (
+        f"skipping checkpoint {ckpts / 'step_00000004'}: file {SHARD.format('optim')} has {size // 2} bytes, "
+        f"expected {size} (truncated?)" in out
+    )
     assert f"skipping checkpoint {ckpts / 'step_00000003'}: missing file {SHARD.format('model')}" in out
     assert f"resumed from {ckpts / 'step_00000002'} at step 2" in out
     assert f"deleting {ckpts / 'step_00000006.tmp'}, left by a save that did not finish" in out
@@ -228,8 +266,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(ftlm_cache, tmp_path):
     assert (ckpt / "manifest.json").is_file()
 
     # Resumed with another peak rate: the new schedule applies from the first step (not the saved rate).
-    proc = run(python_cmd(COMMON + train(run_dir, f"trainer.max_steps={stopped_at + 2}", "trainer.lr=1e-3")),
-               ftlm_cache)
+    proc = run(
+        python_cmd(COMMON + train(run_dir, f"trainer.max_steps={stopped_at + 2}", "trainer.lr=1e-3")), ftlm_cache
+    )
     assert f"resumed from {ckpt} at step {stopped_at}" in proc.stdout
     resumed = newest_scalars(run_dir)
     assert sorted(resumed["train/loss"]) == [stopped_at + 1, stopped_at + 2]
@@ -238,8 +277,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(ftlm_cache, tmp_path):
 
 # -- 5. bad input --------------------------------------------------------------------------------------------------
 def test_resume_from_a_path_that_does_not_exist_fails_before_the_model_is_built(ftlm_cache, tmp_path):
-    proc = run_status(python_cmd(COMMON + train(tmp_path / "run", f"trainer.resume={tmp_path / 'nowhere'}")),
-                      ftlm_cache)
+    proc = run_status(
+        python_cmd(COMMON + train(tmp_path / "run", f"trainer.resume={tmp_path / 'nowhere'}")), ftlm_cache
+    )
     assert proc.returncode != 0
     assert f"trainer.resume: checkpoint {tmp_path / 'nowhere'} does not exist" in proc.stdout + proc.stderr
     assert "model tiny:" not in proc.stdout  # failed before the model was built
@@ -247,12 +287,16 @@ def test_resume_from_a_path_that_does_not_exist_fails_before_the_model_is_built(
 
 def test_resume_with_another_model_config_names_the_keys(ftlm_cache, stopped, tmp_path):
     step4 = stopped / "checkpoints" / "step_00000004"
-    proc = run_status(python_cmd(COMMON + train(tmp_path / "run", f"trainer.resume={step4}", "model.n_layer=3",
-                                                "model.d_model=96")), ftlm_cache)
+    proc = run_status(
+        python_cmd(COMMON + train(tmp_path / "run", f"trainer.resume={step4}", "model.n_layer=3", "model.d_model=96")),
+        ftlm_cache,
+    )
     assert proc.returncode != 0
     err = proc.stdout + proc.stderr
-    assert f"checkpoint {step4} was made by another model config: model.n_layer: checkpoint 2, config 3; " \
-           "model.d_model: checkpoint 64, config 96" in err
+    assert (
+        f"checkpoint {step4} was made by another model config: model.n_layer: checkpoint 2, config 3; "
+        "model.d_model: checkpoint 64, config 96" in err
+    )
     assert "model tiny:" not in proc.stdout
 
 
@@ -264,20 +308,26 @@ def test_checkpoint_and_tokenizer_disagreeing_is_refused(stopped, tmp_path):
     state = json.loads((step4 / "trainer_state.json").read_text())
     model_cfg = GPTConfig.from_dict(state["model_config"])
     check_compatible(step4, model_cfg, state["tokenizer_vocab"], state["tokenizer_sha256"])  # the matching one
-    with pytest.raises(ValueError, match=rf"trained with a tokenizer of {state['tokenizer_vocab']} tokens, but this "
-                                         rf"run's tokenizer .* has {state['tokenizer_vocab'] - 7}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"trained with a tokenizer of {state['tokenizer_vocab']} tokens, but this "
+        rf"run's tokenizer .* has {state['tokenizer_vocab'] - 7}",
+    ):
         check_compatible(step4, model_cfg, state["tokenizer_vocab"] - 7)
     # A checkpoint without the tokenizer's size (older ones) is still checked against the model's vocabulary.
     del state["tokenizer_vocab"]
     legacy = copy_run(step4, tmp_path / "step_00000004")
     (legacy / "trainer_state.json").write_text(json.dumps(state))
-    with pytest.raises(ValueError, match=r"has model.vocab_size=\d+, smaller than this run's tokenizer \(9999 tokens\)"):
+    with pytest.raises(
+        ValueError, match=r"has model.vocab_size=\d+, smaller than this run's tokenizer \(9999 tokens\)"
+    ):
         check_compatible(legacy, model_cfg, 9999)
 
 
 # -- bookkeeping on fake checkpoints (no training) ----------------------------------------------------------------
 def fake_checkpoint(root, step, complete=True):
     from ftlm.train.checkpoint import _write_manifest, tag_for
+
     ckpt = root / tag_for(step)
     ckpt.mkdir(parents=True)
     (ckpt / "shard.pt").write_bytes(b"x" * (100 + step))
@@ -288,6 +338,7 @@ def fake_checkpoint(root, step, complete=True):
 
 def test_pruning_leftovers_and_a_rolled_back_run(tmp_path):
     from ftlm.train.checkpoint import find_latest, prune, remove_unfinished, retire_newer
+
     root = tmp_path / "checkpoints"
     for step in (10, 20, 30, 40):
         fake_checkpoint(root, step)
@@ -296,8 +347,12 @@ def test_pruning_leftovers_and_a_rolled_back_run(tmp_path):
     assert find_latest(root) == root / "step_00000040"  # 50 has no manifest; the .tmp is never a candidate
 
     prune(root, keep_last=2)  # complete ones beyond the newest two go; the broken one is left for inspection
-    assert sorted(p.name for p in root.iterdir()) == ["step_00000030", "step_00000040", "step_00000050",
-                                                      "step_00000060.tmp"]
+    assert sorted(p.name for p in root.iterdir()) == [
+        "step_00000030",
+        "step_00000040",
+        "step_00000050",
+        "step_00000060.tmp",
+    ]
     remove_unfinished(root)
     assert not (root / "step_00000060.tmp").exists() and broken.is_dir()
 
