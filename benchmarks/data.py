@@ -1,15 +1,19 @@
-"""Data pipeline throughput: cleaning + dedup and tokenization per worker, scaling 1..N workers, and the loader.
+"""Data pipeline throughput: clean + dedup and tokenization per worker, scaling 1..N workers on both executors
+(local processes and Ray), a projection for 1 TB on a cluster, and the loader.
 
-    python benchmarks/data.py                     # ~8 MB synthetic ko/en corpus, 1..cpu_count workers
-    python benchmarks/data.py --mb 64 --workers 1,2,4,8,16
+    python benchmarks/data.py                     # ~8 MB synthetic ko/en corpus, 1..cpu_count workers, local + ray
+    python benchmarks/data.py --mb 64 --workers 1,2,4,8,16 --executors local
     python benchmarks/data.py --smoke             # tiny: checks the script runs
 
 The corpus is synthetic but realistic: documents are random runs of paragraphs drawn from the embedded Korean and
-English texts, so they pass the filters and are not duplicates of each other. Each worker count runs the real
-stages of `ftlm.data.prepare` (read -> normalise -> quality filters -> MinHash in workers, exact + LSH dedup in the
-main process; then tokenization in workers -> MDS shards) with a 32k-token tokenizer trained once beforehand.
-The loader row is `build_train_loader` packing 2048-token rows from those shards in the main process; the target
-is 10x what gpt_1_3b consumes on one H100 (about 30,000 tokens/s), i.e. 300,000 tokens/s.
+English texts, so they pass the filters and are not duplicates of each other; it is written as `--files` files per
+stream, because a clean task is one input file. Each row runs the real stages of `ftlm.data.pipeline.run` on the
+executor (clean -> pairs -> clusters -> tokenize -> merge) with a 32k-token tokenizer trained once beforehand, after
+the workers have started and imported everything (start-up is reported apart). "clean+dedup" is the clean, pairs and
+clusters stages; "tokenize" is the tokenize stage and the merge of the shard indexes.
+
+The loader row is `build_train_loader` packing 2048-token rows from the shards in the main process; the target is
+10x what gpt_1_3b consumes on one H100 (about 30,000 tokens/s), i.e. 300,000 tokens/s.
 """
 
 from __future__ import annotations
@@ -29,9 +33,11 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one core per worker, so per-worker figures mean that
 
 LOADER_TARGET = 300_000
+CORES_PER_NODE = 64  # for the cluster projection: a typical CPU node
+PROJECT_TB, PROJECT_NODES = 1.0, 16
 
 
-def synthetic_corpus(out: Path, megabytes: float, seed: int = 0) -> dict[str, Path]:
+def synthetic_corpus(out: Path, megabytes: float, files: int, seed: int = 0) -> dict[str, list[Path]]:
     from ftlm.data import corpus
 
     rng = random.Random(seed)
@@ -39,71 +45,65 @@ def synthetic_corpus(out: Path, megabytes: float, seed: int = 0) -> dict[str, Pa
         "ko": [p for d in corpus.korean_documents() for p in d["text"].split("\n") if len(p) > 40],
         "en": [p for d in corpus.english_documents() for p in d["text"].split("\n\n") if len(p) > 80],
     }
-    share = {"ko": 0.5, "en": 0.5}
-    paths = {}
+    paths: dict[str, list[Path]] = {}
     for stream, paragraphs in pools.items():
-        path = out / f"{stream}.jsonl"
-        budget = megabytes * share[stream] * 1e6
-        written = 0
-        with open(path, "w", encoding="utf-8") as f:
-            while written < budget:
-                text = "\n".join(rng.sample(paragraphs, rng.randint(4, 10)))
-                line = json.dumps({"text": text}, ensure_ascii=False) + "\n"
-                f.write(line)
-                written += len(line.encode("utf-8"))
-        paths[stream] = path
+        budget = megabytes * 0.5 * 1e6 / files
+        paths[stream] = []
+        for k in range(files):
+            path = out / stream / f"part{k:03d}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            written = 0
+            with open(path, "w", encoding="utf-8") as f:
+                while written < budget:
+                    text = "\n".join(rng.sample(paragraphs, rng.randint(4, 10)))
+                    line = json.dumps({"text": text}, ensure_ascii=False) + "\n"
+                    f.write(line)
+                    written += len(line.encode("utf-8"))
+            paths[stream].append(path)
     return paths
 
 
-def config(out_dir: Path, sources: dict[str, Path], workers: int, vocab: int) -> dict:
-    from omegaconf import OmegaConf
+def config(sources: dict[str, list[Path]], workers: int, vocab: int, tokenizer: str | None = None) -> dict:
+    from ftlm.data.config import preset
 
-    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "data" / "custom.yaml"), resolve=False)
-    cfg.update(
-        out_dir=str(out_dir),
-        cache_dir=str(out_dir / "cache"),
-        num_workers=workers,
-        sources={s: [str(p)] for s, p in sources.items()},
-    )
+    cfg = preset("custom")
+    cfg.update(num_workers=workers, sources={s: [str(p) for p in ps] for s, ps in sources.items()})
     cfg["clean"]["min_words"] = 10
-    cfg["tokenizer"].update(vocab_size=vocab, sample_chars=2_000_000)
+    cfg["tokenizer"].update(vocab_size=vocab, sample_chars=2_000_000, path=tokenizer)
     return cfg
 
 
-def run_stages(cfg: dict, tokenizer_path: str) -> dict:
-    from ftlm.data.checks import check_data_config
-    from ftlm.data.prepare import CleanConfig, DedupConfig, Workers, _clean_chunk, clean_stream, shard_stream
-    from ftlm.data.sources import resolve_files
-    from ftlm.data.tokenizer import Tokenizer
+def run_stages(cfg: dict, executor_name: str, workers: int, work: Path) -> dict:
+    from ftlm.data import pipeline
+    from ftlm.data.executor import make_executor
 
-    streams = check_data_config(cfg)
-    out = Path(cfg["out_dir"])
-    shutil.rmtree(out / "shards", ignore_errors=True)
-    (out / "clean").mkdir(parents=True, exist_ok=True)
-    n = cfg["num_workers"]
     started = time.perf_counter()
-    workers = Workers(n, CleanConfig.from_cfg(cfg["clean"]).__dict__, DedupConfig.from_cfg(cfg["dedup"]).__dict__)
-    list(workers.map(_clean_chunk, [(None, ["warm-up"])] * (4 * n)))  # wait until every worker has started
-    warm = time.perf_counter() - started  # process start-up (imports), reported apart
-    tokenizer = Tokenizer.load(tokenizer_path)
-    result = {"workers": n, "startup_s": warm, "docs": 0, "bytes": 0, "clean_s": 0.0, "tokenize_s": 0.0, "tokens": 0}
+    executor = make_executor(executor_name, workers)
+    list(executor.map(pipeline.warm_up, [(i,) for i in range(4 * workers)]))  # every worker started and imported
+    startup = time.perf_counter() - started
     try:
-        for stream in streams:
-            clean_path = str(out / "clean" / f"{stream}.jsonl")
-            t = time.perf_counter()
-            stats = clean_stream(stream, resolve_files(stream, cfg["sources"][stream]), cfg, workers, clean_path)
-            result["clean_s"] += time.perf_counter() - t
-            t = time.perf_counter()
-            sharded = shard_stream(
-                stream, clean_path, cfg, workers, tokenizer, tokenizer_path, str(out), stats["docs_out"]
-            )
-            result["tokenize_s"] += time.perf_counter() - t
-            result["docs"] += stats["docs_in"]
-            result["bytes"] += stats["bytes_in"]
-            result["tokens"] += sharded["tokens_train"] + sharded["tokens_val"]
+        t = time.perf_counter()
+        result = pipeline.run(cfg, list(cfg["sources"]), str(work), pipeline.given_tokenizer(cfg), executor=executor)
+        total = time.perf_counter() - t
     finally:
-        workers.close()
-    return result
+        executor.close()
+    streams = result["streams"].values()
+    timings = result["timings"]
+    return {
+        "executor": executor_name,
+        "workers": executor.workers,
+        "startup_s": startup,
+        "total_s": total,
+        "docs": sum(s["docs_in"] for s in streams),
+        "bytes": sum(s["bytes_in"] for s in streams),
+        "tokens": sum(s["tokens"] for s in streams),
+        "clean_s": timings["clean_dedup_s"],
+        "tokenize_s": timings["tokenize_shard_s"],
+        "execution": result["execution"],
+        # CPU seconds the tasks themselves used: per-worker rates that other load on the machine does not skew
+        "clean_cpu_s": sum(result["execution"][k]["cpu_s"] for k in ("clean", "pairs", "clusters")),
+        "tokenize_cpu_s": result["execution"]["tokenize"]["cpu_s"],
+    }
 
 
 def loader_throughput(cfg: dict, seq_len: int, micro_batch: int, batches: int) -> float:
@@ -117,16 +117,46 @@ def loader_throughput(cfg: dict, seq_len: int, micro_batch: int, batches: int) -
     return batches * micro_batch * (seq_len + 1) / (time.perf_counter() - started)
 
 
+def projection(rows: list[dict]) -> str:
+    """1 TB on a 16-node cluster from the measured per-worker rates and the measured scaling efficiency."""
+    one = [r for r in rows if r["workers"] == 1]
+    if not one:
+        return "projection: needs a 1-worker row"
+    one = one[0]
+    clean_mb = one["bytes"] / 1e6 / one["clean_s"]  # MB/s of one worker
+    token_mb = one["bytes"] / 1e6 / one["tokenize_s"]
+    most = max(rows, key=lambda r: r["workers"])
+    eff = (one["clean_s"] + one["tokenize_s"]) / (most["clean_s"] + most["tokenize_s"]) / most["workers"]
+    cores = PROJECT_NODES * CORES_PER_NODE
+    per_core = 1 / (1 / clean_mb + 1 / token_mb)  # both passes, MB of input per second per core
+    seconds = PROJECT_TB * 1e6 / (per_core * cores * min(eff, 1.0))
+    return (
+        f"projection: {PROJECT_TB:g} TB on {PROJECT_NODES} nodes x {CORES_PER_NODE} cores = {cores} workers at "
+        f"{clean_mb:.1f} MB/s (clean+dedup) and {token_mb:.1f} MB/s (tokenize) per worker, scaling efficiency "
+        f"{eff:.2f} (measured at {most['workers']} workers, {most['executor']}): {seconds / 3600:.2f} h "
+        f"(+ the tokenizer training, in one process, on data.tokenizer.sample_chars characters)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mb", type=float, default=8.0, help="synthetic corpus size in megabytes (both streams)")
+    parser.add_argument("--files", type=int, default=8, help="files per stream (a clean task is one file)")
     parser.add_argument("--workers", default=None, help="comma-separated worker counts (default 1..cpu_count)")
+    parser.add_argument("--executors", default="local,ray", help="comma-separated: local, ray")
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the script runs")
     args = parser.parse_args()
     if args.smoke:
-        args.mb, args.vocab = 0.5, 2000
+        args.mb, args.vocab, args.files = 0.5, 2000, 2
     counts = [int(w) for w in args.workers.split(",")] if args.workers else list(range(1, (os.cpu_count() or 1) + 1))
+    executors = [e for e in args.executors.split(",") if e]
+    if "ray" in executors:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            print("ray is not installed: skipping the ray rows (pip install 'ftlm[ray]')")
+            executors.remove("ray")
 
     import logging
 
@@ -135,36 +165,48 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="ftlm-bench-data-"))
     try:
-        (work / "raw").mkdir()
-        sources = synthetic_corpus(work / "raw", args.mb)
-        base = config(work / "prepared", sources, counts[0], args.vocab)
+        sources = synthetic_corpus(work / "raw", args.mb, args.files)
+        base = config(sources, counts[0], args.vocab)
+        base["out_dir"] = str(work / "prepared")
         t = time.perf_counter()
         prepared = prepare(base)  # full pipeline once: the tokenizer and the shards the loader reads
         full_s = time.perf_counter() - t
-        rows = [run_stages(config(work / f"w{n}", sources, n, args.vocab), prepared.tokenizer_path) for n in counts]
-        loader_tps = loader_throughput(base, 2048, 8, 4 if args.smoke else 100)
+        rows = []
+        for name in executors:
+            for n in counts:
+                cfg = config(sources, n, args.vocab, prepared.tokenizer_path)
+                rows.append(run_stages(cfg, name, n, work / f"{name}{n}"))
+                shutil.rmtree(work / f"{name}{n}", ignore_errors=True)
+        loader_cfg = dict(base, out_dir=str(work / "prepared"), cache_dir=str(work / "cache"))
+        loader_tps = loader_throughput(loader_cfg, 2048, 8, 4 if args.smoke else 100)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     mb = rows[0]["bytes"] / 1e6
     print(
-        f"\ndata pipeline on {os.cpu_count()} CPU core(s): {rows[0]['docs']:,} documents, {mb:.1f} MB, "
-        f"{rows[0]['tokens']:,} tokens (vocab {args.vocab}); full prepare with {counts[0]} worker(s): {full_s:.1f}s"
+        f"\ndata pipeline on {os.cpu_count()} CPU core(s): {rows[0]['docs']:,} documents, {mb:.1f} MB in "
+        f"{2 * args.files} files, {rows[0]['tokens']:,} tokens (vocab {args.vocab}); full prepare with "
+        f"{counts[0]} worker(s): {full_s:.1f}s"
     )
     header = (
-        f"{'workers':>7} {'clean+dedup docs/s':>19} {'MB/s':>7} {'MB/s/worker':>11} {'tokenize docs/s':>16} "
-        f"{'MB/s':>7} {'MB/s/worker':>11} {'speed-up':>8} {'start-up s':>10}"
+        f"{'executor':>8} {'workers':>7} {'clean+dedup MB/s':>16} {'MB/s/worker':>11} {'tokenize MB/s':>13} "
+        f"{'MB/s/worker':>11} {'speed-up':>8} {'efficiency':>10} {'start-up s':>10} {'clean MB/cpu-s':>14} "
+        f"{'tokenize MB/cpu-s':>17}"
     )
     print(header)
     print("-" * len(header))
-    base_total = rows[0]["clean_s"] + rows[0]["tokenize_s"]
     for r in rows:
+        base_row = next(b for b in rows if b["executor"] == r["executor"])
         c_mbs, t_mbs = r["bytes"] / 1e6 / r["clean_s"], r["bytes"] / 1e6 / r["tokenize_s"]
+        speedup = (base_row["clean_s"] + base_row["tokenize_s"]) / (r["clean_s"] + r["tokenize_s"])
         print(
-            f"{r['workers']:>7} {r['docs'] / r['clean_s']:>19,.0f} {c_mbs:>7.2f} {c_mbs / r['workers']:>11.2f} "
-            f"{r['docs'] / r['tokenize_s']:>16,.0f} {t_mbs:>7.2f} {t_mbs / r['workers']:>11.2f} "
-            f"{base_total / (r['clean_s'] + r['tokenize_s']):>8.2f} {r['startup_s']:>10.2f}"
+            f"{r['executor']:>8} {r['workers']:>7} {c_mbs:>16.2f} {c_mbs / r['workers']:>11.2f} {t_mbs:>13.2f} "
+            f"{t_mbs / r['workers']:>11.2f} {speedup:>8.2f} {speedup / (r['workers'] / base_row['workers']):>10.2f} "
+            f"{r['startup_s']:>10.2f} {r['bytes'] / 1e6 / r['clean_cpu_s']:>14.2f} "
+            f"{r['bytes'] / 1e6 / r['tokenize_cpu_s']:>17.2f}"
         )
+    for name in executors:
+        print(projection([r for r in rows if r["executor"] == name]))
     verdict = "OK" if loader_tps >= LOADER_TARGET else "BELOW TARGET"
     print(
         f"\nstreaming loader (seq 2048, micro-batch 8, one rank, main process): {loader_tps:,.0f} tokens/s "

@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py                      # on a GPU: gpt_125m, gpt_350m, gpt_1_3b at seq 2048
     python benchmarks/train_step.py --models gpt_1_3b --impls triton,sdpa --steps 20
+    python benchmarks/train_step.py --doc-len 1024       # packed documents of ~1024 tokens, model.doc_mask
     python benchmarks/train_step.py --smoke              # tiny, a few steps, also on CPU: checks the script runs
 
 Each row is the real trainer step (ftlm.train.engine: DeepSpeed config, ZeRO-3 model init, engine, AdamW) on
@@ -10,6 +11,9 @@ synthetic random tokens, bf16, one process: forward, backward, optimizer step fo
 downloaded) with the same width, depth, heads and vocabulary, SwiGLU width 8/3 x d_model rounded up to 256
 (the same matmul FLOPs as ftlm's 4 x d_model GELU MLP), under the same DeepSpeed config and optimizer.
 The "ftlm llama-shape" rows run ftlm with Llama's SwiGLU and RMSNorm, the like-for-like comparison.
+With `--doc-len N` every row of ftlm is a packed sequence of documents of random lengths (exponential, mean N
+tokens, the same for every row) and the model masks attention at their boundaries (model.doc_mask, cu_seqlens);
+the Hugging Face rows are left out then (they have no such input).
 MFU = tokens/s x FLOPs per token (ftlm.plan: 6N + attention, PaLM convention) / the GPU's dense bf16 peak.
 
 Every row runs in its own process, so one running out of memory cannot disturb the next: a row that runs out
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -91,6 +96,18 @@ def llama_model(gpt_cfg, ds_config, attn_implementation: str):
     return model, config
 
 
+def packed_cu_seqlens(batch: int, seq_len: int, mean_len: int, seed: int = 0) -> list[int]:
+    """Document starts over the flattened batch*seq_len tokens (every row start included), lengths ~ Exp(mean)."""
+    rng = random.Random(seed)
+    starts = []
+    for row in range(batch):
+        offset = 0
+        while offset < seq_len:
+            starts.append(row * seq_len + offset)
+            offset += max(1, round(rng.expovariate(1 / mean_len)))
+    return starts + [batch * seq_len]
+
+
 def auto_micro_batch(model: str, impl: str, seq_len: int, vocab: int) -> int:
     """The largest power of two (at most 16) that ftlm.plan says fits one GPU, states and activations."""
     import torch
@@ -154,12 +171,17 @@ def run_row(args) -> dict:
         model, flops_cfg = build_model(gpt_cfg, ds_config, d), gpt_cfg
     engine, _ = build_engine(model, t, cfg.deepspeed, ds_config, d)
 
+    cu_seqlens = None
+    if args.doc_len:
+        starts = packed_cu_seqlens(args.micro_batch, args.seq_len, args.doc_len)
+        cu_seqlens = torch.tensor(starts, dtype=torch.int32, device=d.device)
+
     def step():
         batch = torch.randint(0, gpt_cfg.vocab_size, (args.micro_batch, args.seq_len + 1), device=d.device)
         if is_hf:
             loss = engine(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss  # HF shifts labels itself
         else:
-            _, loss = engine(batch[:, :-1], batch[:, 1:])
+            _, loss = engine(batch[:, :-1], batch[:, 1:], cu_seqlens=cu_seqlens)
         engine.backward(loss)
         engine.step()
         return loss
@@ -230,6 +252,8 @@ def run_child(model: str, impl: str, micro_batch: int, args) -> dict:
         str(args.vocab),
         "--precision",
         args.precision,
+        "--doc-len",
+        str(args.doc_len),
     ] + (["--smoke"] if args.smoke else [])
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -261,6 +285,13 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument(
+        "--doc-len",
+        type=int,
+        default=0,
+        help="pack documents of this mean length (tokens) into each sequence, masked (model.doc_mask); 0: one causal "
+        "sequence per row",
+    )
+    p.add_argument(
         "--smoke",
         action="store_true",
         help="2 layers of width 64, seq 64, 3 steps, fp32 on CPU: checks that the benchmark runs",
@@ -268,6 +299,8 @@ def main(argv=None) -> int:
     p.add_argument("--_row", nargs=2, metavar=("MODEL", "IMPL"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
+    if args.doc_len < 0:
+        p.error(f"--doc-len must be 0 (off) or a positive number of tokens, got {args.doc_len}")
     if args._row:
         args.model, args.impl = args._row
         return child_main(args)
@@ -298,7 +331,7 @@ def main(argv=None) -> int:
     for m in args.models.split(","):
         if m and not args.no_llama_shape:
             rows.append((m, "llama-" + ("triton" if on_gpu else "sdpa")))
-        if m and not args.no_hf:
+        if m and not args.no_hf and not args.doc_len:
             rows.append((m, "hf-sdpa"))
             if flash_attn_available():
                 rows.append((m, "hf-flash_attention_2"))
@@ -331,7 +364,9 @@ def main(argv=None) -> int:
         lines.append(line)
         print(line, flush=True)
     print(
-        f"\ndevice: {device or '?'}; seq {args.seq_len}, {args.precision}, DeepSpeed ZeRO-3, 1 process, "
+        f"\ndevice: {device or '?'}; seq {args.seq_len}"
+        + (f" packed with documents of mean {args.doc_len} tokens (doc_mask)" if args.doc_len else "")
+        + f", {args.precision}, DeepSpeed ZeRO-3, 1 process, "
         f"{args.steps} timed steps after {args.warmup} warmup; {time.strftime('%Y-%m-%d')}"
     )
     return 0

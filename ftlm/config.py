@@ -1,7 +1,14 @@
-"""Where the Hydra configuration lives, and the wrapper that turns a function into a Hydra app."""
+"""Where the Hydra configuration lives, its typed schemas, and the wrapper that turns a function into a Hydra app.
+
+Every group of conf/ is typed: `ftlm.model.GPTConfig`, `ftlm.data.config.DataConfig`, and the trainer and
+DeepSpeed schemas of `ftlm/train/config.py` are registered in Hydra's ConfigStore as `<group>/schema`, which each
+group's base yaml lists first in its defaults. A misspelt key or a value of the wrong type then fails when the
+config is composed; `ConfigError` says which key, and the closest known one.
+"""
 
 from __future__ import annotations
 
+import difflib
 import functools
 import os
 import sys
@@ -13,6 +20,36 @@ _ROOT_CONF = Path(__file__).resolve().parent.parent / "conf"
 CONF_DIR = Path(
     os.environ.get("FTLM_CONF_DIR") or (_ROOT_CONF if _ROOT_CONF.is_dir() else Path(__file__).parent / "conf")
 )
+
+
+class ConfigError(ValueError):
+    """A config that does not compose: an unknown key or a value of the wrong type, named."""
+
+
+def expand_path(path) -> str:
+    """`~` and environment variables expanded: what a path in conf/ means (never a folder literally named `~`)."""
+    return os.path.expandvars(os.path.expanduser(str(path)))
+
+
+def register() -> None:
+    """The schemas in Hydra's ConfigStore and the `ftlm.path` resolver (idempotent; before every composition)."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    from ftlm.data.config import DataConfig
+    from ftlm.model import GPTConfig
+    from ftlm.train.config import DeepSpeedConfig, TrainerConfig
+
+    cs = ConfigStore.instance()
+    for group, node in (
+        ("model", GPTConfig),
+        ("data", DataConfig),
+        ("trainer", TrainerConfig),
+        ("deepspeed", DeepSpeedConfig),
+    ):
+        cs.store(group=group, name="schema", node=node)
+    if not OmegaConf.has_resolver("ftlm.path"):
+        OmegaConf.register_new_resolver("ftlm.path", expand_path)
 
 
 def strip_launcher_args(argv: list[str]) -> list[str]:
@@ -35,15 +72,51 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
+# Hydra flags after which the command line is not one config to compose (help, info, a sweep, shell completion).
+_NOT_A_RUN = ("-h", "--help", "--hydra-help", "-i", "--info", "-m", "--multirun", "-sc", "--shell-completion")
+
+
+def _overrides(argv: list[str]) -> list[str] | None:
+    """The overrides of a plain run, or None when Hydra will do something else with this command line."""
+    out = []
+    for arg in argv:
+        if arg in _NOT_A_RUN or arg.startswith("--info") or arg.startswith("--shell-completion"):
+            return None
+        if arg.startswith("-"):  # -c job, --config-name x, --cfg ...: Hydra's own flags take values
+            return None
+        out.append(arg)
+    return out
+
+
 def hydra_app(config_name: str = "config"):
-    """Decorator: run `fn(cfg)` as a Hydra app over CONF_DIR, tolerant of the deepspeed launcher's arguments."""
+    """Decorator: run `fn(cfg)` as a Hydra app over CONF_DIR, tolerant of the deepspeed launcher's arguments.
+
+    The command line is composed once before Hydra runs, so a bad key or value is one clear line on stderr
+    (exit status 2) and Hydra never creates a run directory for it.
+    """
     import hydra
 
     def wrap(fn):
+        def checked(cfg):
+            try:
+                check_known_keys(cfg)  # also each job of a sweep, which is composed by Hydra's launcher
+            except ConfigError as e:
+                print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+                sys.exit(2)
+            return fn(cfg)
+
         @functools.wraps(fn)
         def main():
             sys.argv = strip_launcher_args(sys.argv)
-            return hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(fn)()
+            register()
+            overrides = _overrides(sys.argv[1:])
+            if overrides is not None:
+                try:
+                    compose(overrides, config_name)
+                except ConfigError as e:
+                    print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+                    sys.exit(2)
+            return hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(checked)()
 
         return main
 
@@ -51,11 +124,91 @@ def hydra_app(config_name: str = "config"):
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "config"):
-    """The resolved config as the apps would see it, for tests and notebooks (no Hydra run directory)."""
+    """The config as the apps would see it, for tests and notebooks (no Hydra run directory); raises ConfigError."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    register()
     GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        return hydra_compose(config_name=config_name, overrides=overrides or [])
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+            cfg = hydra_compose(config_name=config_name, overrides=overrides or [])
+        _resolve_all(cfg)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise explain(e) from e
+    finally:
+        GlobalHydra.instance().clear()
+    return cfg
+
+
+def _resolve_all(cfg) -> None:
+    """Resolve every interpolation once, so a value that does not fit its type fails here rather than mid-run."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    check_known_keys(cfg)
+
+
+def check_known_keys(node, path: str = "") -> None:
+    """Refuse keys a schema does not declare. Hydra's `+key=value` adds them even to a typed group, so a
+    misspelt `+trainer.max_step=3` would otherwise be accepted and ignored."""
+    import dataclasses
+
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(node, DictConfig):
+        schema = OmegaConf.get_type(node)
+        keys = [str(k) for k in node.keys()]
+        if schema is not None and dataclasses.is_dataclass(schema):
+            known = [f.name for f in dataclasses.fields(schema)]
+            for key in keys:
+                if key not in known:
+                    raise ConfigError(unknown_key_message(f"{path}{key}", known))
+        for key in node.keys():
+            child = node._get_node(key)
+            if child is not None and not child._is_missing() and not child._is_interpolation():
+                check_known_keys(child, f"{path}{key}.")
+    elif isinstance(node, ListConfig):
+        for i, item in enumerate(node._iter_ex(resolve=False)):
+            check_known_keys(item, f"{path}{i}.")
+
+
+def unknown_key_message(key: str, known: list[str]) -> str:
+    leaf = key.rsplit(".", 1)[-1]
+    prefix = key[: -len(leaf)]
+    close = difflib.get_close_matches(leaf, known, n=1, cutoff=0.5)
+    hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+    listing = f" (known keys: {', '.join(sorted(known))})" if known and not close else ""
+    return f"unknown config key {key}{hint}{listing}"
+
+
+def explain(error: Exception) -> Exception:
+    """A composition error as a ConfigError naming the key (and the closest known key when it is unknown)."""
+    from omegaconf.errors import (
+        ConfigAttributeError,
+        ConfigKeyError,
+        MissingMandatoryValue,
+        OmegaConfBaseException,
+        ValidationError,
+    )
+
+    cause = error
+    while cause is not None and not isinstance(cause, OmegaConfBaseException):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None or not getattr(cause, "full_key", None):
+        lines = [line for line in str(error).splitlines() if "HYDRA_FULL_ERROR" not in line]
+        return ConfigError("\n".join(lines).strip() or type(error).__name__)
+    key = cause.full_key
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
+        parent = cause.parent_node
+        known = [str(k) for k in parent.keys()] if parent is not None and hasattr(parent, "keys") else []
+        return ConfigError(unknown_key_message(key, known))
+    if isinstance(cause, MissingMandatoryValue):
+        return ConfigError(f"{key} has no value: set it in conf/ or on the command line")
+    if isinstance(cause, ValidationError):
+        msg = str(cause).split("\n")[0]
+        return ConfigError(f"{key}: {msg}")
+    return ConfigError(f"{key}: {str(cause).splitlines()[0]}")

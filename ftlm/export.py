@@ -1,19 +1,27 @@
-"""ftlm-export: a trained model as one safetensors file, and as a Hugging Face model directory.
+"""ftlm-export: a trained model as a Hugging Face model directory, with ftlm's own files beside it.
 
     ftlm-export <run dir | checkpoint | export dir> <out dir> [--dtype bf16|fp32] [--no-hf] [--config FILE]
 
 writes
-    <out>/model.safetensors     every weight under ftlm's own names, in one file (ftlm-generate and ftlm-eval
-    <out>/ftlm_config.json      read this directory; the config is GPTConfig's fields under "model")
-    <out>/tokenizer.json        the run's tokenizer, unchanged
-    <out>/hf/                   unless --no-hf: a directory that `AutoModelForCausalLM.from_pretrained` and
-                                `AutoTokenizer.from_pretrained` load without custom code
+    <out>/config.json, model.safetensors, tokenizer.json, tokenizer_config.json, generation_config.json
+                                a Hugging Face model: `AutoModelForCausalLM.from_pretrained(<out>)` and
+                                `AutoTokenizer.from_pretrained(<out>)` load it without custom code
+    <out>/ftlm/                 ftlm's files (ftlm-generate, ftlm-eval, ftlm-export and trainer.init_from read <out>):
+        model.safetensors       every weight under ftlm's own names, in one file
+        ftlm_config.json        GPTConfig's fields under "model", the step, the tokenizer's size and checksum
+        tokenizer.json          the run's tokenizer, unchanged
+With --no-hf the three ftlm files are written to <out> itself (the format ftlm-import writes). Exports in the
+earlier layout (ftlm files in <out>, the Hugging Face model in <out>/hf) stay readable.
 
 The Hugging Face architecture follows the config: rmsnorm + swiglu is `LlamaForCausalLM`, layernorm + gelu is
-`GPTNeoXForCausalLM` (Polyglot-Ko's architecture; sequential residual, rotary over the whole head, tanh GELU).
-Both use the same "rotate half" rotary layout as ftlm, so no weight is permuted. GPT-NeoX has no grouped-query
-attention, so grouped key/value heads are repeated for it, which computes exactly the same function with a
-larger K/V projection. Other combinations have no Hugging Face twin: their ftlm files are still written.
+`GPTNeoXForCausalLM` (Polyglot-Ko's architecture, with its partial rotary, parallel residual and exact GELU when the
+config has them). Both use the same "rotate half" rotary layout as ftlm, so no weight is permuted (ftlm.hf.convert).
+GPT-NeoX has no grouped-query attention, so grouped key/value heads are repeated for it, which computes exactly the
+same function with a larger K/V projection. Other combinations have no Hugging Face twin: pass --no-hf.
+
+The exported tokenizer returns input_ids and attention_mask only (so `model.generate(**tokenizer(text,
+return_tensors="pt"))` works) and treats the literal text "<|endoftext|>" as text, as ftlm does in training
+(split_special_tokens=True): the end-of-text id comes only from `tokenizer.eos_token_id`, never from the data.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from ftlm.checkpoint_io import (
+from ftlm.checkpoint import (
     CONFIG,
     SOURCE_HELP,
     TOKENIZER,
@@ -40,142 +48,13 @@ from ftlm.checkpoint_io import (
     read_expected_config,
     read_state_dict,
 )
+from ftlm.hf.convert import HF_DTYPE_NAMES, HFExportError, hf_config, hf_family, to_hf_state_dict  # noqa: F401
 from ftlm.model import GPTConfig
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
-
-
-class HFExportError(ValueError):
-    """The model has no Hugging Face architecture with the same function."""
-
-
-def hf_family(cfg: GPTConfig) -> str:
-    if cfg.norm == "rmsnorm" and cfg.mlp == "swiglu":
-        return "llama"
-    if cfg.norm == "layernorm" and cfg.mlp == "gelu":
-        return "neox"
-    raise HFExportError(
-        f"model.norm={cfg.norm} with model.mlp={cfg.mlp} has no Hugging Face architecture: only "
-        "rmsnorm+swiglu (LlamaForCausalLM) and layernorm+gelu (GPTNeoXForCausalLM) export to "
-        "Hugging Face; pass --no-hf to write the ftlm files only"
-    )
-
-
-def _split_qkv(t: torch.Tensor, cfg: GPTConfig):
-    """Our fused projection's rows are [all q heads | all k heads | all v heads]."""
-    hd = cfg.head_dim
-    return t.split([cfg.n_head * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd], dim=0)
-
-
-def llama_state_dict(cfg: GPTConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"]}
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = sd["lm_head.weight"]
-    for i in range(cfg.n_layer):
-        ours, hf = f"blocks.{i}.", f"model.layers.{i}."
-        out[hf + "input_layernorm.weight"] = sd[ours + "norm1.weight"]
-        out[hf + "post_attention_layernorm.weight"] = sd[ours + "norm2.weight"]
-        kinds = ("weight", "bias") if cfg.bias else ("weight",)
-        for kind in kinds:
-            q, k, v = _split_qkv(sd[f"{ours}attn.qkv.{kind}"], cfg)
-            out[f"{hf}self_attn.q_proj.{kind}"], out[f"{hf}self_attn.k_proj.{kind}"] = q, k
-            out[f"{hf}self_attn.v_proj.{kind}"] = v
-            out[f"{hf}self_attn.o_proj.{kind}"] = sd[f"{ours}attn.proj.{kind}"]
-            gate, up = sd[f"{ours}mlp.fc_in.{kind}"].chunk(2, dim=0)  # silu(gate) * up
-            out[f"{hf}mlp.gate_proj.{kind}"], out[f"{hf}mlp.up_proj.{kind}"] = gate, up
-            out[f"{hf}mlp.down_proj.{kind}"] = sd[f"{ours}mlp.fc_out.{kind}"]
-    return out
-
-
-def _neox_qkv(t: torch.Tensor, cfg: GPTConfig) -> torch.Tensor:
-    """GPT-NeoX interleaves per head: rows [q_0 k_0 v_0 | q_1 k_1 v_1 | ...]. Query head h reads key/value
-    head h // (n_head / n_kv_heads), as in ftlm's grouped-query attention, so shared heads are repeated."""
-    hd, rep = cfg.head_dim, cfg.n_head // cfg.n_kv_heads
-    q, k, v = _split_qkv(t, cfg)
-    rest = t.shape[1:]
-    q = q.reshape(cfg.n_head, hd, *rest)
-    k = k.reshape(cfg.n_kv_heads, hd, *rest).repeat_interleave(rep, dim=0)
-    v = v.reshape(cfg.n_kv_heads, hd, *rest).repeat_interleave(rep, dim=0)
-    return torch.cat([q, k, v], dim=1).reshape(3 * cfg.n_head * hd, *rest)
-
-
-def neox_state_dict(cfg: GPTConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """GPT-NeoX always has LayerNorm and MLP biases: they are zero where ftlm has none."""
-
-    def bias(name: str, n: int) -> torch.Tensor:
-        return sd[name] if name in sd else torch.zeros(n, dtype=sd["embed.weight"].dtype)
-
-    d = cfg.d_model
-    out = {
-        "gpt_neox.embed_in.weight": sd["embed.weight"],
-        "gpt_neox.final_layer_norm.weight": sd["norm.weight"],
-        "gpt_neox.final_layer_norm.bias": bias("norm.bias", d),
-    }
-    if not cfg.tie_embeddings:
-        out["embed_out.weight"] = sd["lm_head.weight"]
-    for i in range(cfg.n_layer):
-        ours, hf = f"blocks.{i}.", f"gpt_neox.layers.{i}."
-        for n in (1, 2):
-            name = "input_layernorm" if n == 1 else "post_attention_layernorm"
-            out[f"{hf}{name}.weight"] = sd[f"{ours}norm{n}.weight"]
-            out[f"{hf}{name}.bias"] = bias(f"{ours}norm{n}.bias", d)
-        out[hf + "attention.query_key_value.weight"] = _neox_qkv(sd[ours + "attn.qkv.weight"], cfg)
-        out[hf + "attention.dense.weight"] = sd[ours + "attn.proj.weight"]
-        if cfg.bias:  # attention_bias=False otherwise: those biases do not exist at all
-            out[hf + "attention.query_key_value.bias"] = _neox_qkv(sd[ours + "attn.qkv.bias"], cfg)
-            out[hf + "attention.dense.bias"] = sd[ours + "attn.proj.bias"]
-        out[hf + "mlp.dense_h_to_4h.weight"] = sd[ours + "mlp.fc_in.weight"]
-        out[hf + "mlp.dense_h_to_4h.bias"] = bias(ours + "mlp.fc_in.bias", cfg.d_ff)
-        out[hf + "mlp.dense_4h_to_h.weight"] = sd[ours + "mlp.fc_out.weight"]
-        out[hf + "mlp.dense_4h_to_h.bias"] = bias(ours + "mlp.fc_out.bias", d)
-    return out
-
-
-def hf_config(cfg: GPTConfig, tokenizer, dtype: torch.dtype):
-    from transformers import GPTNeoXConfig, LlamaConfig
-
-    common = dict(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.d_model,
-        num_hidden_layers=cfg.n_layer,
-        num_attention_heads=cfg.n_head,
-        intermediate_size=cfg.d_ff,
-        max_position_embeddings=cfg.max_seq_len,
-        initializer_range=cfg.init_std,
-        tie_word_embeddings=cfg.tie_embeddings,
-        bos_token_id=tokenizer.eot_id,
-        eos_token_id=tokenizer.eot_id,
-        pad_token_id=tokenizer.pad_id,
-        dtype=HF_DTYPE_NAMES[dtype],
-    )
-    if hf_family(cfg) == "llama":
-        return LlamaConfig(
-            **common,
-            num_key_value_heads=cfg.n_kv_heads,
-            head_dim=cfg.head_dim,
-            hidden_act="silu",
-            rms_norm_eps=cfg.norm_eps,
-            rope_theta=cfg.rope_theta,
-            attention_bias=cfg.bias,
-            mlp_bias=cfg.bias,
-            attention_dropout=0.0,
-            architectures=["LlamaForCausalLM"],
-        )
-    return GPTNeoXConfig(
-        **common,
-        hidden_act="gelu_pytorch_tanh",
-        rotary_pct=1.0,
-        rotary_emb_base=cfg.rope_theta,
-        layer_norm_eps=cfg.norm_eps,
-        use_parallel_residual=False,
-        attention_bias=cfg.bias,
-        attention_dropout=0.0,
-        hidden_dropout=0.0,
-        architectures=["GPTNeoXForCausalLM"],
-    )
+FTLM_SUBDIR = "ftlm"  # <out>/ftlm/ holds ftlm's own files when <out> itself is the Hugging Face model
 
 
 def _save_safetensors(state: dict[str, torch.Tensor], path: Path, dtype: torch.dtype, metadata: dict) -> None:
@@ -195,8 +74,8 @@ def write_ftlm(
     step: int | None = None,
     source: str = "",
 ) -> None:
+    from ftlm.checkpoint import tokenizer_fingerprint
     from ftlm.data.tokenizer import Tokenizer
-    from ftlm.train.checkpoint import tokenizer_fingerprint
 
     out.mkdir(parents=True, exist_ok=True)
     _save_safetensors(state, out / WEIGHTS, dtype, {"format": "pt", "ftlm_config": json.dumps(asdict(cfg))})
@@ -224,23 +103,27 @@ def write_hf(hf_dir: Path, cfg: GPTConfig, state: dict, tokenizer, tokenizer_pat
             cfg.n_kv_heads,
             cfg.n_head // cfg.n_kv_heads,
         )
-    weights = llama_state_dict(cfg, state) if family == "llama" else neox_state_dict(cfg, state)
+    weights = to_hf_state_dict(cfg, state)
     hf_dir.mkdir(parents=True, exist_ok=True)
-    config = hf_config(cfg, tokenizer, dtype)
+    bos = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eot_id
+    config = hf_config(cfg, bos, tokenizer.eot_id, tokenizer.pad_id, dtype)
     config.save_pretrained(hf_dir)
-    GenerationConfig(
-        bos_token_id=tokenizer.eot_id, eos_token_id=tokenizer.eot_id, pad_token_id=tokenizer.pad_id
-    ).save_pretrained(hf_dir)
+    GenerationConfig(bos_token_id=bos, eos_token_id=tokenizer.eot_id, pad_token_id=tokenizer.pad_id).save_pretrained(
+        hf_dir
+    )
     _save_safetensors(weights, hf_dir / WEIGHTS, dtype, {"format": "pt"})
     backend = tokenizer.backend
-    eot, pad = backend.id_to_token(tokenizer.eot_id), backend.id_to_token(tokenizer.pad_id)
     hf_tok = PreTrainedTokenizerFast(
         tokenizer_file=str(tokenizer_path),
-        bos_token=eot,
-        eos_token=eot,
-        pad_token=pad,
+        bos_token=backend.id_to_token(bos),
+        eos_token=backend.id_to_token(tokenizer.eot_id),
+        pad_token=backend.id_to_token(tokenizer.pad_id),
         model_max_length=cfg.max_seq_len,
         clean_up_tokenization_spaces=False,
+        # Llama / GPT-NeoX take no token_type_ids: generate(**tokenizer(...)) would reject them.
+        model_input_names=["input_ids", "attention_mask"],
+        # "<|endoftext|>" inside a text is text, as in ftlm's training data, not the end-of-text id.
+        split_special_tokens=True,
     )
     hf_tok.save_pretrained(hf_dir)
     return config.architectures[0]
@@ -253,9 +136,10 @@ def export(
     hf: bool = True,
     expected_config: GPTConfig | dict | str | Path | None = None,
 ) -> Path:
-    """Write the ftlm files (and, with hf, the Hugging Face directory <out>/hf); returns out.
+    """Write the Hugging Face model to <out> and ftlm's files to <out>/ftlm (with hf=False: ftlm's files to <out>).
 
-    Raises HFExportError after writing the ftlm files when the config has no Hugging Face twin.
+    Returns the directory holding the ftlm files. Every check (the config has a Hugging Face twin, the output does not
+    overwrite what is being read or an export in the earlier layout) runs before anything is written.
     """
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype}: not one of {', '.join(DTYPES)}")
@@ -266,31 +150,44 @@ def export(
         if isinstance(expected_config, (str, Path)):
             expected_config = read_expected_config(expected_config)
         check_config(source.config, expected_config, source.path)
+    if hf:
+        hf_family(source.config)  # HFExportError before anything is read or written
+    ftlm_dir = out / FTLM_SUBDIR if hf else out
+    resolved = {p.resolve() for p in (out, ftlm_dir)}
+    if source.kind == "export" and source.path.resolve() in resolved:
+        raise ValueError(f"the output directory {out} is the export being read; choose another")
+    if hf and (out / CONFIG).is_file():
+        raise ValueError(
+            f"{out} holds an ftlm export in the earlier layout ({CONFIG} beside {WEIGHTS}); writing the Hugging Face "
+            "model there would mix the two: choose a new output directory"
+        )
     tokenizer = load_tokenizer(source)
     state = read_state_dict(source)
-    if source.kind == "export" and out.resolve() == source.path.resolve():
-        raise ValueError(f"the output directory {out} is the export being read; choose another")
-    write_ftlm(out, source.config, state, source.tokenizer_path, torch_dtype, source.step, str(source.path))
+    write_ftlm(ftlm_dir, source.config, state, source.tokenizer_path, torch_dtype, source.step, str(source.path))
     log.info(
         "wrote %s (%s, %s parameters), %s and %s",
-        out / WEIGHTS,
+        ftlm_dir / WEIGHTS,
         dtype,
         f"{sum(v.numel() for v in state.values()):,}",
-        out / CONFIG,
-        out / TOKENIZER,
+        ftlm_dir / CONFIG,
+        ftlm_dir / TOKENIZER,
     )
     if hf:
-        arch = write_hf(out / "hf", source.config, state, tokenizer, source.tokenizer_path, torch_dtype)
-        log.info("wrote the Hugging Face %s directory %s", arch, out / "hf")
-    return out
+        arch = write_hf(out, source.config, state, tokenizer, source.tokenizer_path, torch_dtype)
+        log.info("wrote the Hugging Face %s model %s (from_pretrained loads it as is)", arch, out)
+    return ftlm_dir
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ftlm-export", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help=SOURCE_HELP)
-    parser.add_argument("out", help="output directory (created if missing)")
+    parser.add_argument(
+        "out", help="output directory (created if missing): the Hugging Face model, ftlm's files in ftlm/"
+    )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weight precision (default bf16)")
-    parser.add_argument("--no-hf", dest="hf", action="store_false", help="skip the Hugging Face directory <out>/hf")
+    parser.add_argument(
+        "--no-hf", dest="hf", action="store_false", help="write only ftlm's files, to <out> itself (no Hugging Face)"
+    )
     parser.add_argument(
         "--config",
         help="a model config (conf/model/*.yaml or a run's config.yaml) the checkpoint "
@@ -300,14 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         export(args.source, args.out, args.dtype, args.hf, args.config)
-    except HFExportError as e:
-        wrote = Path(args.out) / WEIGHTS
-        print(
-            f"ftlm-export: error: {e}" + (f" (the ftlm files are written: {wrote})" if wrote.exists() else ""),
-            file=sys.stderr,
-        )
-        return 1
-    except (FileNotFoundError, CheckpointError, ValueError) as e:
+    except (FileNotFoundError, CheckpointError, ValueError) as e:  # HFExportError is a ValueError
         print(f"ftlm-export: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -9,29 +9,25 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _import_triton_for_the_interpreter():
-    """Triton decides when it is first imported whether its own library (tl.sum, tl.max, ...) runs under the
-    CPU interpreter. On a machine without a GPU the kernel tests need that, and any test module may be the
-    first to import triton (streaming and transformers can), so import it here under TRITON_INTERPRET=1.
-    The variable itself is set only around each kernel test (tests/kernels/conftest.py)."""
+def _interpret_triton_without_a_gpu():
+    """On a machine without a GPU the Triton kernels run under Triton's CPU interpreter, for the whole test
+    process. triton.jit picks interpreted or compiled when a kernel is defined, and triton.language picks it for
+    its own library (tl.sum, tl.max, ...) when triton is first imported; any test module may be the first to
+    import triton (streaming and transformers can), so set the variable here, before any of them. Subprocesses
+    inherit it; launchers that must not interpret strip it (tests/train/launch_util.py)."""
     import torch
 
-    if torch.cuda.is_available() or "triton" in sys.modules:
+    if torch.cuda.is_available():
         return
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import triton.language  # noqa: F401
-    except ImportError:
-        pass
-    finally:
-        if saved is None:
-            os.environ.pop("TRITON_INTERPRET")
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "triton was imported before tests/conftest.py could set TRITON_INTERPRET=1 (a pytest plugin?); "
+            "run the tests as `TRITON_INTERPRET=1 pytest ...` on a machine without a GPU"
+        )
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-_import_triton_for_the_interpreter()
+_interpret_triton_without_a_gpu()
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,10 @@ from typing import Any
 
 from .clean import SCRIPTS, CleanConfig
 from .dedup import DedupConfig
+from .packing import PACKINGS
 from .shards import COMPRESSIONS
+
+SOURCE_CHANGE = ("prepare", "refuse")
 
 _STREAM_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 
@@ -22,15 +25,10 @@ class DataConfigError(ValueError):
 
 
 def as_dict(cfg) -> dict:
-    """A plain, resolved dict from an OmegaConf node or a mapping."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
+    """A plain, resolved dict from an OmegaConf node or a mapping, checked against the schema (config.py)."""
+    from .config import data_dict
 
-        if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    return dict(cfg)
+    return data_dict(cfg)
 
 
 def stream_names(cfg: Mapping[str, Any]) -> list[str]:
@@ -77,70 +75,67 @@ def check_mix(cfg: Mapping[str, Any], streams: list[str]) -> dict[str, float]:
 
 
 def check_data_config(cfg: Mapping[str, Any]) -> list[str]:
-    """Raise DataConfigError naming the first bad key; return the stream names."""
+    """Raise DataConfigError naming the first bad key; return the stream names. `cfg` is as_dict's output."""
     streams = stream_names(cfg)
     check_mix(cfg, streams)
-    if not cfg.get("out_dir"):
-        raise DataConfigError("data.out_dir must be set (where shards, tokenizer and stats.json are written)")
-    if not isinstance(cfg.get("text_field", "text"), str):
-        raise DataConfigError("data.text_field must be a string (the jsonl/parquet field holding the text)")
-    lang = cfg.get("lang") or {}
-    for name, code in dict(lang).items():
+    if not cfg["out_dir"]:
+        raise DataConfigError("data.out_dir must be set (where preparations are written)")
+    for name, code in dict(cfg["lang"] or {}).items():
         if str(name) not in streams:
             raise DataConfigError(f"data.lang names unknown stream {name!r}; data.sources has {streams}")
         if code is not None and code not in SCRIPTS:
             raise DataConfigError(f"data.lang.{name} must be one of {sorted(SCRIPTS)} or null, got {code!r}")
-    val_fraction = cfg.get("val_fraction", 0.005)
-    if not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction <= 0.5:
-        raise DataConfigError(f"data.val_fraction must be in [0, 0.5], got {val_fraction!r}")
-    if int(cfg.get("val_min_docs", 100)) < 0:
+    if not 0.0 <= cfg["val_fraction"] <= 0.5:
+        raise DataConfigError(f"data.val_fraction must be in [0, 0.5], got {cfg['val_fraction']!r}")
+    if cfg["val_min_docs"] < 0:
         raise DataConfigError("data.val_min_docs must be >= 0")
-    workers = cfg.get("num_workers")
-    if workers is not None and (not isinstance(workers, int) or workers < 0):
-        raise DataConfigError(f"data.num_workers must be null (all cores) or an integer >= 0, got {workers!r}")
-    if cfg.get("shard_compression") not in COMPRESSIONS:
+    if cfg["num_workers"] is not None and cfg["num_workers"] < 0:
+        raise DataConfigError(f"data.num_workers must be null (all cores) or >= 0, got {cfg['num_workers']!r}")
+    if cfg.get("executor", "local") not in ("local", "ray"):  # ftlm.data.executor.EXECUTORS
+        raise DataConfigError(f"data.executor must be local or ray, got {cfg.get('executor')!r}")
+    if cfg["shard_compression"] not in COMPRESSIONS:
         raise DataConfigError(
-            f"data.shard_compression must be one of {list(COMPRESSIONS)}, got {cfg.get('shard_compression')!r}"
+            f"data.shard_compression must be one of {list(COMPRESSIONS)}, got {cfg['shard_compression']!r}"
         )
     for key in ("shard_size_limit", "max_line_bytes"):
-        if key in cfg and (not isinstance(cfg[key], int) or cfg[key] < 1024):
-            raise DataConfigError(f"data.{key} must be an integer >= 1024 (bytes), got {cfg[key]!r}")
-    epoch_size = cfg.get("epoch_size")
-    if epoch_size is not None and (not isinstance(epoch_size, int) or epoch_size < 1):
-        raise DataConfigError(f"data.epoch_size must be null or a positive number of documents, got {epoch_size!r}")
+        if cfg[key] < 1024:
+            raise DataConfigError(f"data.{key} must be >= 1024 (bytes), got {cfg[key]!r}")
+    if cfg["epoch_size"] is not None and cfg["epoch_size"] < 1:
+        raise DataConfigError(f"data.epoch_size must be null or a positive number of documents: {cfg['epoch_size']!r}")
+    if cfg["source_change"] not in SOURCE_CHANGE:
+        raise DataConfigError(f"data.source_change must be one of {list(SOURCE_CHANGE)}, got {cfg['source_change']!r}")
+    if cfg["packing"] not in PACKINGS:
+        raise DataConfigError(f"data.packing must be one of {list(PACKINGS)}, got {cfg['packing']!r}")
+    if cfg["packing_buffer"] < 1:
+        raise DataConfigError(f"data.packing_buffer must be a positive number of documents: {cfg['packing_buffer']!r}")
     try:
-        CleanConfig.from_cfg(cfg.get("clean"))
-        DedupConfig.from_cfg(cfg.get("dedup"))
+        CleanConfig.from_cfg(cfg["clean"])
+        DedupConfig.from_cfg(cfg["dedup"])
     except (TypeError, ValueError) as err:
         raise DataConfigError(str(err)) from None
-    _check_tokenizer(cfg.get("tokenizer") or {}, streams)
+    _check_tokenizer(cfg["tokenizer"], streams)
     return streams
 
 
 def _check_tokenizer(tok: Mapping[str, Any], streams: list[str]) -> None:
-    known = {"path", "extend_from", "vocab_size", "min_frequency", "sample_chars", "sample_shares", "special_tokens"}
-    unknown = sorted(set(tok) - known)
-    if unknown:
-        raise DataConfigError(f"data.tokenizer: unknown key(s) {unknown}; known: {sorted(known)}")
-    if tok.get("path") and tok.get("extend_from"):
+    if tok["path"] and tok["extend_from"]:
         raise DataConfigError(
             "data.tokenizer.path (reuse as is) and data.tokenizer.extend_from (extend) "
             "exclude each other; set one of them to null"
         )
-    vocab = tok.get("vocab_size", 32000)
-    if not isinstance(vocab, int) or vocab < 300 or vocab > 1 << 22:
-        raise DataConfigError(f"data.tokenizer.vocab_size must be an integer in [300, 4194304], got {vocab!r}")
-    if not isinstance(tok.get("sample_chars", 1), int) or tok.get("sample_chars", 1) < 1:
+    vocab = tok["vocab_size"]
+    if vocab < 300 or vocab > 1 << 22:
+        raise DataConfigError(f"data.tokenizer.vocab_size must be in [300, 4194304], got {vocab!r}")
+    if tok["sample_chars"] < 1:
         raise DataConfigError("data.tokenizer.sample_chars must be a positive integer")
-    shares = tok.get("sample_shares")
+    shares = tok["sample_shares"]
     if shares is not None:
         unknown_streams = sorted(set(map(str, shares)) - set(streams))
         if unknown_streams:
             raise DataConfigError(
                 f"data.tokenizer.sample_shares names unknown stream(s) {unknown_streams}; data.sources has {streams}"
             )
-        if any(not isinstance(v, (int, float)) or v < 0 for v in shares.values()) or sum(shares.values()) <= 0:
+        if any(v < 0 for v in shares.values()) or sum(shares.values()) <= 0:
             raise DataConfigError("data.tokenizer.sample_shares must be numbers >= 0 with a positive sum")
-    specials = tok.get("special_tokens") or []
-    if not all(isinstance(t, str) and t for t in specials):
+    if not all(t for t in tok["special_tokens"]):
         raise DataConfigError("data.tokenizer.special_tokens must be a list of non-empty strings")

@@ -4,7 +4,12 @@
 characters; tidy whitespace). `QualityFilter` then applies the rules configured under `data.clean` in a fixed
 order and names the first one a document fails, so the report can count drops per rule. The rules follow
 Rae et al. 2021 (Gopher), with the alphabetic checks generalised to a per-stream script (Hangul for `ko`,
-Latin for `en`).
+Latin for `en`), and an optional language-ID rule (`langid_min_prob`, py3langid: its model ships in its wheel).
+
+Speed: each document is scanned a fixed number of times whatever the number of rules: its code points once into a
+numpy array (letters, Hangul and Latin counted by table lookup, not one regex scan per rule), its words once
+(`str.split`) into 64-bit word hashes, and every n-gram rule works on those hashes with numpy (same decisions as
+counting n-gram tuples, up to 64-bit hash collisions).
 """
 
 from __future__ import annotations
@@ -13,6 +18,9 @@ import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
 
 # Cc controls except tab and newline; format characters that are invisible in text (zero-width space/joiners,
 # word joiner, BOM, soft hyphen, bidi marks); the U+FFFD left behind by repaired invalid UTF-8.
@@ -33,8 +41,19 @@ def count(pattern: re.Pattern, text: str) -> int:
     return sum(map(len, pattern.findall(text)))
 
 
+# Every character any of the substitutions below acts on, in one class: most documents hold none, one scan tells.
+_SPECIAL = re.compile("[\r" + _INVISIBLE.pattern[1:-1] + _ODD_SPACES.pattern[1:-1] + "]")
+
+
+def _needs_work(text: str) -> bool:
+    return " \n" in text or "\t\n" in text or "\n\n\n" in text or _SPECIAL.search(text) is not None
+
+
 def normalize(text: str) -> str:
-    text = unicodedata.normalize("NFC", text)
+    if not unicodedata.is_normalized("NFC", text):
+        text = unicodedata.normalize("NFC", text)
+    if not _needs_work(text):
+        return text.strip()
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = _INVISIBLE.sub("", text)
@@ -54,6 +73,7 @@ class CleanConfig:
     max_mean_word_chars: float | None = 20.0
     min_letter_share: float | None = 0.5
     min_script_share: float | None = 0.6
+    langid_min_prob: float | None = None  # py3langid must name the stream's language with this probability
     max_dup_line_frac: float | None = 0.3
     max_dup_line_char_frac: float | None = 0.2
     max_top_ngram_frac: dict = field(default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16})
@@ -79,9 +99,55 @@ FILTERS = (
     "long_words",
     "few_letters",
     "wrong_language",
+    "wrong_language_id",
     "repeated_lines",
     "repeated_ngrams",
 )
+LANGID_CHARS = 2000  # language ID looks at a document's first characters: enough to tell, and bounded in cost
+_K = np.uint64(0x9E3779B97F4A7C15)
+
+
+@lru_cache(maxsize=1)
+def _tables() -> dict[str, np.ndarray]:
+    """Per BMP code point: is it matched by LETTER / HANGUL / LATIN (the regexes stay the definition)."""
+    chars = "".join(map(chr, range(0x10000)))
+    tables = {}
+    for name, pattern in (("letter", LETTER), ("ko", HANGUL), ("en", LATIN)):
+        table = np.zeros(0x10000, dtype=np.int32)
+        for m in pattern.finditer(chars):
+            table[m.start() : m.end()] = 1
+        tables[name] = table
+    return tables
+
+
+def _char_counts(texts: list[str], script: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """(D,) letters and (D,) letters of the stream's script, in one pass over all code points of the batch."""
+    n = len(texts)
+    codes = np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    doc = np.repeat(np.arange(n), np.fromiter(map(len, texts), dtype=np.int64, count=n))
+    tables = _tables()
+    index = np.minimum(codes, 0xFFFF)
+    astral = np.flatnonzero(codes > 0xFFFF)  # rare (emoji, historic scripts): the regexes decide those
+    letter = tables["letter"][index]
+    letter[astral] = [bool(LETTER.match(chr(c))) for c in codes[astral].tolist()]
+    letters = np.bincount(doc, weights=letter, minlength=n).astype(np.int64)
+    if script is None:
+        return letters, np.zeros(n, dtype=np.int64)
+    own = tables[script][index]
+    own[astral] = [bool(SCRIPTS[script].match(chr(c))) for c in codes[astral].tolist()]
+    return letters, np.bincount(doc, weights=own, minlength=n).astype(np.int64)
+
+
+@lru_cache(maxsize=1)
+def _language_identifier():
+    try:
+        from py3langid.langid import MODEL_DIR, MODEL_FILE, LanguageIdentifier
+    except ImportError:
+        raise ImportError(
+            "data.clean.langid_min_prob needs py3langid (its model ships inside the wheel, nothing is downloaded): "
+            "pip install 'ftlm[langid]'"
+        ) from None
+    return LanguageIdentifier.from_modelpath(MODEL_DIR / MODEL_FILE, norm_probs=True)
 
 
 class QualityFilter:
@@ -89,32 +155,69 @@ class QualityFilter:
         if lang is not None and lang not in SCRIPTS:
             raise ValueError(f"data.lang: unknown language {lang!r}; known: {sorted(SCRIPTS)} or null")
         self.config = config
+        self.lang = lang
         self.script = SCRIPTS.get(lang) if lang else None
+        self._identify = _language_identifier().classify if lang and config.langid_min_prob is not None else None
 
     def reject_reason(self, text: str) -> str | None:
         """The first rule `text` (already normalised) fails, or None if it passes them all."""
+        return self.reject_reasons([text])[0]
+
+    def reject_reasons(self, texts: list[str]) -> list[str | None]:
+        """`reject_reason` of every text, computed for the whole batch at once (numpy over all their characters and
+        words, not one pass per rule and document)."""
         c = self.config
-        if c.min_chars is not None and len(text) < c.min_chars:
-            return "too_short"
-        if c.max_chars is not None and len(text) > c.max_chars:
-            return "too_long"
-        words = text.split()
-        if c.min_words is not None and len(words) < c.min_words:
-            return "too_few_words"
-        if c.max_mean_word_chars is not None and words and sum(map(len, words)) / len(words) > c.max_mean_word_chars:
-            return "long_words"
-        letters = count(LETTER, text)
-        visible = len(text) - text.count(" ") - text.count("\n") - text.count("\t")
-        if c.min_letter_share is not None and letters < c.min_letter_share * max(visible, 1):
-            return "few_letters"
-        if self.script is not None and c.min_script_share is not None:
-            if count(self.script, text) < c.min_script_share * max(letters, 1):
-                return "wrong_language"
-        if self._repeated_lines(text):
-            return "repeated_lines"
-        if self._repeated_ngrams(words):
-            return "repeated_ngrams"
-        return None
+        out: list[str | None] = [None] * len(texts)
+        alive, words_of = [], []
+        for i, text in enumerate(texts):
+            if c.min_chars is not None and len(text) < c.min_chars:
+                out[i] = "too_short"
+            elif c.max_chars is not None and len(text) > c.max_chars:
+                out[i] = "too_long"
+            else:
+                words = text.split()
+                if c.min_words is not None and len(words) < c.min_words:
+                    out[i] = "too_few_words"
+                elif (
+                    c.max_mean_word_chars is not None
+                    and words
+                    and (sum(map(len, words)) / len(words) > c.max_mean_word_chars)
+                ):
+                    out[i] = "long_words"
+                else:
+                    alive.append(i)
+                    words_of.append(words)
+        if not alive:
+            return out
+        letters, in_script = _char_counts([texts[i] for i in alive], self.lang if self.script is not None else None)
+        survivors, survivor_words = [], []
+        for k, i in enumerate(alive):
+            text = texts[i]
+            visible = len(text) - text.count(" ") - text.count("\n") - text.count("\t")
+            if c.min_letter_share is not None and letters[k] < c.min_letter_share * max(visible, 1):
+                out[i] = "few_letters"
+            elif (
+                self.script is not None
+                and c.min_script_share is not None
+                and (in_script[k] < c.min_script_share * max(letters[k], 1))
+            ):
+                out[i] = "wrong_language"
+            elif self._identify is not None and self._wrong_id(text):
+                out[i] = "wrong_language_id"
+            elif self._repeated_lines(text):
+                out[i] = "repeated_lines"
+            else:
+                survivors.append(i)
+                survivor_words.append(words_of[k])
+        if survivors:
+            for i, repeated in zip(survivors, _NGramRules(self.config, survivor_words).repeated()):
+                if repeated:
+                    out[i] = "repeated_ngrams"
+        return out
+
+    def _wrong_id(self, text: str) -> bool:
+        lang, prob = self._identify(text[:LANGID_CHARS])
+        return lang != self.lang or prob < self.config.langid_min_prob
 
     def _repeated_lines(self, text: str) -> bool:
         c = self.config
@@ -122,51 +225,99 @@ class QualityFilter:
         if len(lines) < 2:
             return False
         counts = Counter(lines)
+        if len(counts) == len(lines):
+            return False  # no line repeats
         dup_lines = sum(n for n in counts.values() if n > 1)
         dup_chars = sum(len(line) * n for line, n in counts.items() if n > 1)
         if c.max_dup_line_frac is not None and dup_lines > c.max_dup_line_frac * len(lines):
             return True
         return c.max_dup_line_char_frac is not None and dup_chars > c.max_dup_line_char_frac * sum(map(len, lines))
 
-    def _repeated_ngrams(self, words: list[str]) -> bool:
-        total_chars = sum(map(len, words))
-        if not total_chars:
-            return False
+
+class _NGramRules:
+    """The repeated n-gram rules for a batch of documents, on 64-bit hashes of their word n-grams.
+
+    All words of the batch are concatenated: (W,) word hashes, lengths and document of each word. The n-gram starting
+    at word i is a hash of words i..i+n-1 (built from the (n-1)-gram hashes), valid when they are in one document;
+    mixing the document into the key keeps equal n-grams of different documents apart. Same decisions as counting
+    n-gram tuples per document (hash(str) is fixed within a process; 64-bit collisions aside).
+    """
+
+    def __init__(self, config: CleanConfig, words_of: list[list[str]]):
+        self.config = config
+        self.n_docs = len(words_of)
+        counts = np.fromiter(map(len, words_of), dtype=np.int64, count=self.n_docs)
+        flat = [w for words in words_of for w in words]
+        self.doc = np.repeat(np.arange(self.n_docs), counts)  # (W,)
+        self.words_in_doc = counts
+        self.end = np.repeat(np.cumsum(counts), counts)  # (W,) one past the last word of each word's document
+        self.lengths = np.fromiter(map(len, flat), dtype=np.int64, count=len(flat))
+        self.prefix = np.concatenate(([0], np.cumsum(self.lengths)))  # characters before word i
+        self.total_chars = np.bincount(self.doc, weights=self.lengths, minlength=self.n_docs)
+        self.doc_key = (self.doc.astype(np.uint64) + np.uint64(1)) * np.uint64(0xD6E8FEB86659FD93)
+        self._hashes = {1: np.fromiter(map(hash, flat), dtype=np.int64, count=len(flat)).view(np.uint64)}
+
+    def _grams(self, n: int) -> np.ndarray:
+        if n not in self._hashes:
+            shorter, single = self._grams(n - 1), self._hashes[1]
+            g = shorter[:-1] * _K + single[n - 1 :]  # wrapping uint64
+            self._hashes[n] = g ^ (g >> np.uint64(29))
+        return self._hashes[n]
+
+    def _groups(self, n: int, docs_mask: np.ndarray):
+        """n-grams of the documents in docs_mask -> (start positions, group of each, count of each group)."""
+        starts = np.flatnonzero((np.arange(len(self.doc)) + n <= self.end) & docs_mask[self.doc])
+        keys = self._grams(n)[starts] ^ self.doc_key[starts]
+        order = np.argsort(keys)  # quicksort: faster than a stable sort; first occurrences come from a min below
+        sorted_keys = keys[order]
+        new = np.empty(len(keys), dtype=bool)
+        new[:1] = True
+        np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=new[1:])
+        group_sorted = np.cumsum(new) - 1
+        group = np.empty(len(keys), dtype=np.int64)
+        group[order] = group_sorted
+        first = np.minimum.reduceat(starts[order], np.flatnonzero(new)) if len(keys) else starts[:0]
+        return starts, group, np.bincount(group_sorted), first
+
+    def repeated(self) -> np.ndarray:
+        """(D,) bool: fails a repeated n-gram rule."""
+        c = self.config
+        bad = np.zeros(self.n_docs, dtype=bool)
+        total = np.maximum(self.total_chars, 1)
+        if not self.total_chars.any():
+            return bad
+        has_chars = self.total_chars > 0
         # Share of characters in the most frequent n-gram (short n): catches "click here click here ...".
-        for n, limit in self.config.max_top_ngram_frac.items():
-            if len(words) < 2 * n:
+        for n, limit in c.max_top_ngram_frac.items():
+            docs = has_chars & (self.words_in_doc >= 2 * n) & ~bad
+            if not docs.any():
                 continue
-            grams = Counter(zip(*(words[i:] for i in range(n))))
-            gram, count = grams.most_common(1)[0]
-            if count > 1 and count * sum(map(len, gram)) > limit * total_chars:
-                return True
+            starts, group, counts, first = self._groups(n, docs)
+            group_doc = self.doc[first]
+            top = np.zeros(self.n_docs, dtype=np.int64)
+            np.maximum.at(top, group_doc, counts)
+            best = np.full(self.n_docs, np.iinfo(np.int64).max)
+            at_top = counts == top[group_doc]  # ties: the n-gram seen first, as Counter.most_common does
+            np.minimum.at(best, group_doc[at_top], first[at_top])
+            ok = docs & (top > 1)
+            chars = np.zeros(self.n_docs, dtype=np.int64)
+            chars[ok] = self.prefix[best[ok] + n] - self.prefix[best[ok]]
+            bad |= ok & (top * chars > limit * self.total_chars)
         # Share of characters covered by any n-gram occurring more than once (long n): copy-pasted passages.
         # That share can only shrink as n grows, so when the smallest n is under every limit the rest pass too.
-        limits = sorted(self.config.max_dup_ngram_frac.items())
+        limits = sorted(c.max_dup_ngram_frac.items())
+        undecided = has_chars & ~bad
         for index, (n, limit) in enumerate(limits):
-            if len(words) < 2 * n:
+            docs = undecided & (self.words_in_doc >= 2 * n)
+            if not docs.any():
                 continue
-            share = _dup_ngram_char_share(words, n, total_chars)
-            if share > limit:
-                return True
-            if share <= min(rest for _, rest in limits[index:]):
-                break
-        return False
-
-
-def _dup_ngram_char_share(words: list[str], n: int, total_chars: int) -> float:
-    starts = list(zip(*(words[i:] for i in range(n))))
-    counts = Counter(starts)
-    if len(counts) == len(starts):
-        return 0.0
-    depth = [0] * (len(words) + 1)  # +1 where a repeated n-gram starts, -1 where it ends
-    for i, gram in enumerate(starts):
-        if counts[gram] > 1:
-            depth[i] += 1
-            depth[i + n] -= 1
-    covered = running = 0
-    for word, delta in zip(words, depth):
-        running += delta
-        if running:
-            covered += len(word)
-    return covered / total_chars
+            starts, group, counts, _ = self._groups(n, docs)
+            repeated = starts[counts[group] > 1]  # positions where a repeated n-gram starts
+            depth = np.zeros(len(self.doc) + 1, dtype=np.int64)  # +1 where it starts, -1 where it ends (same doc)
+            np.add.at(depth, repeated, 1)
+            np.add.at(depth, repeated + n, -1)
+            covered = np.cumsum(depth[:-1]) > 0
+            share = np.bincount(self.doc, weights=self.lengths * covered, minlength=self.n_docs) / total
+            bad |= docs & (share > limit)
+            undecided &= ~(docs & ((share > limit) | (share <= min(rest for _, rest in limits[index:]))))
+        return bad

@@ -12,6 +12,7 @@ own files.
 from __future__ import annotations
 
 import glob
+import hashlib
 import importlib.util
 import json
 import os
@@ -47,6 +48,22 @@ def konlpy_corpus_dir() -> str:
         if os.path.isdir(path):
             return path
     raise EmbeddedCorpusError("the `konlpy` package has no data/corpus directory; reinstall it or choose data=custom")
+
+
+def content_digest() -> str:
+    """sha256 of the corpus's origin files by content and name relative to their package: the same corpus gives
+    the same digest in any checkout, venv or install path (a preparation's fingerprint uses it)."""
+    import pydoc_data
+
+    digest = hashlib.sha256(str(CORPUS_VERSION).encode())
+    roots = (konlpy_corpus_dir(), os.path.dirname(os.path.dirname(pydoc_data.__file__)))
+    for path in origin_files():
+        name = next((os.path.relpath(path, r) for r in roots if path.startswith(r + os.sep)), os.path.basename(path))
+        with open(path, "rb") as f:
+            data = f.read()
+        digest.update(f"{name}\0{len(data)}\0".encode())
+        digest.update(data)
+    return digest.hexdigest()
 
 
 def origin_files() -> list[str]:

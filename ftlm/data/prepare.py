@@ -2,376 +2,228 @@
 
     ftlm-prepare                                  # the embedded corpus (conf/data/embedded.yaml)
     ftlm-prepare data=custom data.sources.ko='[/data/ko/*.jsonl.zst]' data.num_workers=32
+    ftlm-prepare --gc [data overrides]            # remove old preparations of that data.out_dir nobody reads
+    ftlm-prepare --rebuild [data overrides]       # set the preparation aside and make it anew (after damage)
 
-Per stream (`data.sources`), in two passes over the input so memory stays flat for any corpus size:
-  1. read -> normalise -> quality filters -> exact and near dedup  (worker processes; dedup index in this process)
-     kept documents go to `clean/<stream>.jsonl` under `data.out_dir`
+The stages (pipeline.py), per stream, in two passes over the input so memory stays flat for any corpus size:
+  1. read -> normalise -> quality filters -> exact and near dedup; kept documents go to `clean/<stream>.jsonl`
   2. tokenizer: trained on a sample mixed across streams, reused, or extended (`data.tokenizer`)
-  3. tokenize (worker processes) -> MDS shards, train and held-out val split per stream
-Then `stats.json` is written last, atomically, with a fingerprint of everything that shaped the output: a second
-call with the same config and inputs returns at once.
+  3. tokenize -> MDS shards, train and held-out val split per stream
+
+This module decides where a preparation is stored (layout.py): every check runs first (config, sources, tokenizer
+files, out_dir); the stages then write into `<out_dir>/tmp/<fingerprint>.<host>.<pid>/`, stats.json is written
+last, and the folder is renamed to `<out_dir>/<fingerprint>/` in one step. A preparation is never changed or
+removed afterwards (only `--gc` removes, and only what nobody reads), so a training reading one never loses it.
+A second call with the same config and inputs verifies the existing preparation and returns at once.
 """
 
 from __future__ import annotations
 
 import fcntl
+import glob
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import shutil
+import sys
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
-import numpy as np
-
-from . import corpus
-from .checks import as_dict, check_data_config
-from .clean import CleanConfig, QualityFilter, normalize
-from .dedup import DedupConfig, Deduplicator, Fingerprinter
-from .shards import SPLITS, SplitWriter, split_dir, token_dtype, write_json_atomic
-from .sources import InputIssues, read_documents, resolve_files
-from .tokenizer import Tokenizer, add_special_tokens, extend_tokenizer, train_tokenizer
+from . import corpus, layout, pipeline
+from .checks import DataConfigError, as_dict, check_data_config
+from .layout import (
+    LOCKS_DIR,
+    POINTER_FILE,
+    PREPARATION_KEYS,
+    STATS_FILE,
+    TMP_DIR,
+    TOKENIZER_FILE,
+    TRASH_DIR,
+    DamagedPreparationError,
+    ReaderLock,
+    expand_path,
+)
+from .shards import write_json_atomic
+from .sources import resolve_files
 
 logger = logging.getLogger(__name__)
 
-PIPELINE_VERSION = 1  # bump when a change here changes the shards for the same inputs
-PREPARATION_KEYS = (
-    "sources",
-    "text_field",
-    "lang",
-    "clean",
-    "dedup",
-    "tokenizer",
-    "val_fraction",
-    "val_min_docs",
-    "shard_compression",
-    "shard_size_limit",
-    "max_line_bytes",
-)
-STATS_FILE = "stats.json"
-TOKENIZER_FILE = "tokenizer.json"
-CHUNK_DOCS = 256  # documents per task sent to a worker
-CHUNK_CHARS = 1 << 21  # ... or fewer, when they are long
+PIPELINE_VERSION = 2  # bump when a change in the stages changes the shards for the same inputs
 
 
 @dataclass
 class Prepared:
-    out_dir: str
+    out_dir: str  # the preparation's folder, <data.out_dir>/<fingerprint>: tokenizer.json, shards/, stats.json
     tokenizer_path: str
     streams: list[str]
     stats: dict = field(repr=False)
+    # Held while this object lives: `ftlm-prepare --gc` never removes a preparation a live process holds.
+    lock: ReaderLock | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def root(self) -> str:
+        return self.out_dir
+
+    @property
+    def fingerprint(self) -> str:
+        return self.stats["fingerprint"]
 
 
-def expand_path(path: str) -> str:
-    return os.path.abspath(os.path.expanduser(str(path)))
+# -- what shapes a preparation -------------------------------------------------------------------------------------
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-# -- worker side ---------------------------------------------------------------------------------------------------
-# Worker processes are started with "spawn" (safe beside torch.distributed and tokenizers' threads) and receive only
-# plain dicts; these globals are their per-process state.
-_STATE: dict[str, Any] = {}
+def source_inputs(cfg: dict) -> dict[str, list]:
+    """Every input file of every stream: [path, size, mtime_ns]; the embedded corpus by content digest.
 
-
-def _init_worker(clean_cfg: dict, dedup_cfg: dict, in_pool: bool) -> None:
-    if in_pool:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes
-    clean = CleanConfig(**clean_cfg)
-    _STATE["filters"] = {lang: QualityFilter(clean, lang) for lang in (None, "ko", "en")}
-    _STATE["fingerprint"] = Fingerprinter(DedupConfig(**dedup_cfg))
-    _STATE["tokenizers"] = {}
-
-
-def _clean_chunk(task: tuple[str | None, list[str]]) -> list[tuple]:
-    """-> per document: (clean text or None, reject reason or None, exact key, MinHash signature)."""
-    lang, texts = task
-    quality, fingerprint = _STATE["filters"][lang], _STATE["fingerprint"]
-    out = []
-    for raw in texts:
-        text = normalize(raw)
-        reason = quality.reject_reason(text) if text else "empty_after_cleaning"
-        if reason:
-            out.append((None, reason, None, None))
-        else:
-            key, signature = fingerprint(text)
-            out.append((text, None, key, signature))
-    return out
-
-
-def _tokenize_chunk(task: tuple[str, list[str]]) -> list[tuple[np.ndarray, int]]:
-    """-> per document: (token ids, characters)."""
-    path, texts = task
-    tokenizer = _STATE["tokenizers"].get(path)
-    if tokenizer is None:
-        tokenizer = _STATE["tokenizers"][path] = Tokenizer.load(path)
-    dtype = token_dtype(tokenizer.vocab_size)
-    return [(np.asarray(ids, dtype=dtype), len(text)) for ids, text in zip(tokenizer.encode_batch(texts), texts)]
-
-
-class Workers:
-    """An ordered map over worker processes with bounded look-ahead; runs in this process when n <= 1."""
-
-    def __init__(self, n: int, clean_cfg: dict, dedup_cfg: dict):
-        self.n = n
-        self._pool = None
-        if n > 1:
-            self._pool = multiprocessing.get_context("spawn").Pool(n, _init_worker, (clean_cfg, dedup_cfg, True))
-        else:
-            _init_worker(clean_cfg, dedup_cfg, False)
-
-    def map(self, fn: Callable, tasks: Iterable) -> Iterator:
-        if self._pool is None:
-            yield from map(fn, tasks)
-            return
-        pending: deque = deque()
-        for task in tasks:
-            pending.append(self._pool.apply_async(fn, (task,)))
-            if len(pending) >= 3 * self.n:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.close()
-            self._pool.join()
-            self._pool = None
-
-
-def _chunks(texts: Iterable[str], head: Any) -> Iterator[tuple[Any, list[str]]]:
-    chunk: list[str] = []
-    chars = 0
-    for text in texts:
-        chunk.append(text)
-        chars += len(text)
-        if len(chunk) >= CHUNK_DOCS or chars >= CHUNK_CHARS:
-            yield head, chunk
-            chunk, chars = [], 0
-    if chunk:
-        yield head, chunk
-
-
-def _progress(total: int | None, desc: str, unit: str = "doc"):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True, mininterval=0.5)
-
-
-# -- pass 1: read, clean, filter, dedup ----------------------------------------------------------------------------
-def clean_stream(stream: str, files: list[str], cfg: dict, workers: Workers, clean_path: str) -> dict:
-    issues = InputIssues()
-    lang = (cfg.get("lang") or {}).get(stream)
-    dedup = Deduplicator(DedupConfig.from_cfg(cfg.get("dedup")))
-    counts: Counter = Counter()
-    drops: Counter = Counter()
-
-    def texts() -> Iterator[str]:
-        for doc in read_documents(
-            files, cfg.get("text_field", "text"), issues, int(cfg.get("max_line_bytes", 1 << 26))
-        ):
-            counts["docs_in"] += 1
-            counts["bytes_in"] += len(doc.text.encode("utf-8"))
-            yield doc.text
-
-    tmp = f"{clean_path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as out, _progress(None, f"clean {stream}") as bar:
-        for results in workers.map(_clean_chunk, _chunks(texts(), lang)):
-            for text, reason, key, signature in results:
-                if reason is None:
-                    reason = dedup.is_duplicate(key, signature)
-                    reason = reason and f"{reason}_duplicate"
-                if reason is not None:
-                    drops[reason] += 1
-                    continue
-                out.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-                counts["docs_out"] += 1
-                counts["chars_out"] += len(text)
-                counts["words_out"] += len(text.split())
-                counts["bytes_out"] += len(text.encode("utf-8"))
-            bar.update(len(results))
-    os.replace(tmp, clean_path)
-    if not counts["docs_out"]:
-        raise RuntimeError(
-            f"data.sources.{stream}: no document survived reading, cleaning and deduplication "
-            f"(read {counts['docs_in']}; dropped {dict(drops)}; input issues "
-            f"{dict(issues.counts)}); check the files, data.text_field and data.clean"
-        )
-    filters = {k: v for k, v in drops.items() if not k.endswith("_duplicate")}
-    return {
-        "lang": lang,
-        "files": len(files),
-        "docs_in": counts["docs_in"],
-        "bytes_in": counts["bytes_in"],
-        "input_issues": issues.to_dict(),
-        "filtered": dict(sorted(filters.items())),
-        "duplicates": {"exact": drops["exact_duplicate"], "near": drops["near_duplicate"]},
-        "docs_out": counts["docs_out"],
-        "bytes_out": counts["bytes_out"],
-        "chars_out": counts["chars_out"],
-        "words_out": counts["words_out"],
-    }
-
-
-def _clean_texts(path: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            yield json.loads(line)["text"]
-
-
-# -- tokenizer -----------------------------------------------------------------------------------------------------
-def tokenizer_sample(clean_paths: dict[str, str], stats: dict, tok_cfg: dict) -> tuple[Iterator[str], int]:
-    """Documents for tokenizer training, each stream weighted to its share of `sample_chars` characters.
-
-    A stream with less text than its share is repeated (BPE counts scale, so that is exact weighting), one with
-    more is thinned evenly; both deterministically.
+    Also resolves every source, so a missing file fails here, before anything is written.
     """
-    # Equal shares by default, not data.mix: the mix is a training choice and may change without re-tokenizing.
-    shares = tok_cfg.get("sample_shares") or {s: 1.0 for s in clean_paths}
-    shares = {s: float(shares.get(s, 0.0)) for s in clean_paths}
-    total_share = sum(shares.values())
-    budget = int(tok_cfg.get("sample_chars", 200_000_000))
-    weights = {s: budget * shares[s] / total_share / max(stats[s]["chars_out"], 1) for s in clean_paths}
-    expected_docs = int(sum(weights[s] * stats[s]["docs_out"] for s in clean_paths))
-    logger.info(
-        "tokenizer sample: %s",
-        ", ".join(f"{s} x{w:.3g} of {stats[s]['chars_out']:,} chars" for s, w in weights.items()),
-    )
-
-    def texts() -> Iterator[str]:
-        for stream, path in clean_paths.items():
-            weight = weights[stream]
-            if weight <= 0:
-                continue
-            for i, text in enumerate(_clean_texts(path)):
-                for _ in range(int((i + 1) * weight) - int(i * weight)):
-                    yield text
-
-    return texts(), expected_docs
-
-
-def given_tokenizer(cfg: dict) -> Tokenizer | None:
-    """The tokenizer named by data.tokenizer.path or .extend_from, loaded before out_dir is cleared (it may live there)."""
-    tok_cfg = cfg.get("tokenizer") or {}
-    path = tok_cfg.get("path") or tok_cfg.get("extend_from")
-    return Tokenizer.load(expand_path(path)) if path else None
-
-
-def build_tokenizer(
-    cfg: dict, given: Tokenizer | None, clean_paths: dict[str, str], stats: dict, path: str
-) -> tuple[Tokenizer, str]:
-    tok_cfg = cfg.get("tokenizer") or {}
-    specials = list(tok_cfg.get("special_tokens") or [])
-    vocab_size = int(tok_cfg.get("vocab_size", 32000))
-    min_frequency = int(tok_cfg.get("min_frequency", 2))
-    if tok_cfg.get("path"):
-        tokenizer = add_special_tokens(given, specials)
-        origin = f"reused {tok_cfg['path']}"
-    else:
-        texts, length = tokenizer_sample(clean_paths, stats, tok_cfg)
-        if tok_cfg.get("extend_from"):
-            base = given
-            tokenizer = add_special_tokens(
-                extend_tokenizer(base, texts, vocab_size, min_frequency, length=length), specials
-            )
-            origin = f"extended {tok_cfg['extend_from']} ({base.vocab_size} -> {tokenizer.vocab_size})"
-        else:
-            tokenizer = train_tokenizer(texts, vocab_size, min_frequency, specials, length=length)
-            origin = "trained"
-    if not tokenizer.is_byte_level():
-        logger.warning("the tokenizer is not byte-level: text it cannot spell may become unknown tokens")
-    tokenizer.save(path)
-    return tokenizer, origin
-
-
-# -- pass 2: tokenize and shard ------------------------------------------------------------------------------------
-def val_count(n_docs: int, fraction: float, min_docs: int) -> int:
-    if fraction <= 0 or n_docs < 2:
-        return 0
-    return min(max(min_docs, round(n_docs * fraction)), n_docs // 2)
-
-
-def is_val(index: int, n_docs: int, n_val: int) -> bool:
-    """Exactly n_val of n_docs indices, evenly spread, so the held-out split looks like the whole stream."""
-    return (index + 1) * n_val // n_docs > index * n_val // n_docs
-
-
-def shard_stream(
-    stream: str,
-    clean_path: str,
-    cfg: dict,
-    workers: Workers,
-    tokenizer: Tokenizer,
-    tokenizer_path: str,
-    out_dir: str,
-    n_docs: int,
-) -> dict:
-    n_val = val_count(n_docs, float(cfg.get("val_fraction", 0.005)), int(cfg.get("val_min_docs", 100)))
-    writers = {
-        split: SplitWriter(
-            split_dir(out_dir, stream, split),
-            tokenizer.vocab_size,
-            cfg.get("shard_compression"),
-            int(cfg.get("shard_size_limit", 1 << 26)),
-        )
-        for split in SPLITS
-    }
-    index = 0
-    chars = Counter()
-    with _progress(n_docs, f"tokenize {stream}") as bar:
-        for results in workers.map(_tokenize_chunk, _chunks(_clean_texts(clean_path), tokenizer_path)):
-            for tokens, n_chars in results:
-                split = "val" if is_val(index, n_docs, n_val) else "train"
-                writers[split].write(tokens)
-                chars[split] += n_chars
-                index += 1
-            bar.update(len(results))
-    meta = {split: writer.close() for split, writer in writers.items()}
-    return {
-        "docs_train": meta["train"]["docs"],
-        "docs_val": meta["val"]["docs"],
-        "tokens_train": meta["train"]["tokens"],
-        "tokens_val": meta["val"]["tokens"],
-        "chars_train": chars["train"],
-        "chars_val": chars["val"],
-    }
-
-
-# -- the whole preparation -----------------------------------------------------------------------------------------
-def _file_identity(path: str) -> list:
-    st = os.stat(path)
-    return [path, st.st_size, st.st_mtime_ns]
-
-
-def fingerprint(cfg: dict) -> str:
-    """Hash of every setting and input file (path, size, mtime) that shapes the prepared output."""
     inputs = {}
     for stream, entries in cfg["sources"].items():
         entries = [entries] if isinstance(entries, str) else entries
         files: list = []
         for entry in entries:
             if str(entry).startswith(corpus.EMBEDDED_PREFIX):
-                files += [[entry, corpus.CORPUS_VERSION]] + [_file_identity(f) for f in corpus.origin_files()]
+                files.append([str(entry), "content", corpus.content_digest()])
             else:
-                files += [_file_identity(f) for f in resolve_files(stream, [entry])]
+                for path in resolve_files(stream, [entry]):
+                    st = os.stat(path)
+                    files.append([path, st.st_size, st.st_mtime_ns])
         inputs[stream] = files
-    tok = cfg.get("tokenizer") or {}
-    for key in ("path", "extend_from"):
-        if tok.get(key):
-            inputs[f"tokenizer.{key}"] = _file_identity(expand_path(tok[key]))
-    blob = {"version": PIPELINE_VERSION, "settings": {k: cfg.get(k) for k in PREPARATION_KEYS}, "inputs": inputs}
+    return inputs
+
+
+def _digest(blob) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+def _keys(cfg: dict, inputs: dict) -> dict[str, str]:
+    """fingerprint: everything that shapes the output (the folder name). content_key: the same without the tokenizer
+    settings, so a preparation made with the tokenizer a run already has is found again. settings_key: the settings
+    but the tokenizer's, to find the preparation an edited source replaces (and report what changed)."""
+    settings = {k: cfg[k] for k in PREPARATION_KEYS if k != "tokenizer"}
+    tok = cfg["tokenizer"]
+    tok_inputs = {k: _sha256(expand_path(tok[k])) for k in ("path", "extend_from") if tok[k]}
+    tok_settings = {k: v for k, v in tok.items() if k not in ("path", "extend_from")}
+    if tok["path"]:  # reused as is: only the extra special tokens matter, not the training settings
+        tok_settings = {"special_tokens": tok["special_tokens"]}
+    base = {"version": PIPELINE_VERSION, "settings": settings}
+    return {
+        "fingerprint": _digest({**base, "inputs": inputs, "tokenizer": [tok_settings, tok_inputs]}),
+        "content_key": _digest({**base, "inputs": inputs, "special_tokens": tok["special_tokens"]}),
+        "settings_key": _digest(base),
+    }
+
+
+# -- checks that run before anything is written --------------------------------------------------------------------
+def check_out_dir(out_dir: str) -> None:
+    """out_dir must be a folder we can write, or creatable: fail now, naming it, rather than after hours of work.
+
+    Creates the folder (empty) and probes it with a temporary file, which is the one test of writability that
+    also holds for root, read-only mounts and network file systems.
+    """
+    import tempfile
+
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise DataConfigError(f"data.out_dir={out_dir} is a file, not a folder: choose another data.out_dir")
+    parent = out_dir
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise DataConfigError(f"data.out_dir={out_dir}: {parent} is a file, so the folder cannot be created")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as err:
+        raise DataConfigError(
+            f"data.out_dir={out_dir} is not writable ({err.strerror or err}); choose another data.out_dir"
+        ) from None
+
+
+def _check_forced_tokenizer(path: str, specials: list[str]) -> None:
+    from .tokenizer import EOT, PAD, Tokenizer
+
+    if not os.path.isfile(path):
+        raise DataConfigError(f"the tokenizer to prepare with, {path}, does not exist")
+    try:
+        tokenizer = Tokenizer.load(path)
+    except Exception as err:
+        raise DataConfigError(f"the tokenizer to prepare with, {path}, cannot be loaded: {err}") from None
+    missing = [t for t in [EOT, PAD, *specials] if t not in tokenizer.special_tokens()]
+    if missing:
+        raise DataConfigError(
+            f"data.tokenizer.special_tokens: {missing} not in {path}; a run keeps its tokenizer as it is, so remove "
+            f"them from data.tokenizer.special_tokens (adding tokens would change the vocabulary)"
+        )
+
+
+def _changes(old: dict, new: dict) -> list[str]:
+    """What differs between two `inputs` records, per stream, in words."""
+    out = []
+    for stream in sorted(set(old) | set(new)):
+        before = {e[0]: e[1:] for e in old.get(stream, [])}
+        after = {e[0]: e[1:] for e in new.get(stream, [])}
+        for path in sorted(set(before) | set(after)):
+            if path not in before:
+                out.append(f"{stream}: added {path}")
+            elif path not in after:
+                out.append(f"{stream}: removed {path}")
+            elif before[path] != after[path]:
+                b, a = before[path], after[path]
+                if b[0] == "content":
+                    out.append(f"{stream}: {path} has other content")
+                else:
+                    what = [f"size {b[0]} -> {a[0]} bytes"] if b[0] != a[0] else []
+                    if b[1] != a[1]:
+                        what.append(f"modified {_when(b[1])} -> {_when(a[1])}")
+                    out.append(f"{stream}: changed {path} ({', '.join(what)})")
+    return out
+
+
+def _when(mtime_ns) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(int(mtime_ns) / 1e9))
+
+
+def _preparations(out_dir: str) -> list[tuple[str, dict]]:
+    """(folder, stats) of every complete preparation in out_dir, newest first."""
+    found = []
+    for path in glob.glob(os.path.join(out_dir, "*", STATS_FILE)):
+        try:
+            with open(path, encoding="utf-8") as f:
+                found.append((os.path.dirname(path), json.load(f)))
+        except (OSError, ValueError):
+            continue
+    return sorted(found, key=lambda p: str(p[1].get("created", "")), reverse=True)
+
+
+def _previous(out_dir: str, keys: dict) -> tuple[str, dict] | None:
+    """The newest preparation made with the same settings (a source change replaces it)."""
+    return next(((d, s) for d, s in _preparations(out_dir) if s.get("settings_key") == keys["settings_key"]), None)
+
+
+def _equivalent(out_dir: str, keys: dict, tokenizer_sha: str) -> tuple[str, dict] | None:
+    """A preparation of the same inputs and settings whose tokenizer is byte for byte the one given."""
+    for folder, stats in _preparations(out_dir):
+        same_tokenizer = stats.get("tokenizer", {}).get("sha256") == tokenizer_sha
+        if stats.get("content_key") == keys["content_key"] and same_tokenizer:
+            return folder, stats
+    return None
+
+
+# -- locking and publishing ----------------------------------------------------------------------------------------
 @contextmanager
-def _exclusive(out_dir: str):
-    """One preparation per out_dir at a time, across processes (e.g. two nodes sharing a machine or a disk)."""
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, ".prepare.lock"), "w") as lock:
+def _exclusive(out_dir: str, fingerprint: str):
+    """One preparation of a fingerprint at a time, across processes; other fingerprints prepare side by side."""
+    os.makedirs(os.path.join(out_dir, LOCKS_DIR), exist_ok=True)
+    with open(os.path.join(out_dir, LOCKS_DIR, f"{fingerprint}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -379,129 +231,211 @@ def _exclusive(out_dir: str):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def load_prepared(out_dir: str, expected_fingerprint: str | None = None) -> Prepared | None:
-    """The preparation in out_dir if it is complete (and matches the fingerprint, when one is given)."""
-    path = os.path.join(out_dir, STATS_FILE)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            stats = json.load(f)
-    except ValueError:
-        return None
-    if expected_fingerprint is not None and stats.get("fingerprint") != expected_fingerprint:
-        return None
-    tokenizer_path = os.path.join(out_dir, TOKENIZER_FILE)
-    streams = list(stats.get("streams", {}))
-    complete = os.path.isfile(tokenizer_path) and all(
-        os.path.isfile(os.path.join(split_dir(out_dir, s, split), "index.json")) for s in streams for split in SPLITS
-    )
-    return Prepared(out_dir, tokenizer_path, streams, stats) if complete else None
+def _point(out_dir: str, root: str, stats: dict) -> None:
+    pointer = {"fingerprint": os.path.basename(root), "name": stats.get("name"), "created": stats.get("created")}
+    # (a folder of the old layout is never pointed at; an unchanged pointer is not rewritten, so the ranks of a
+    # job that all find the same preparation do not all write it)
+    if os.path.dirname(root) == out_dir and layout.read_pointer(out_dir) != pointer["fingerprint"]:
+        write_json_atomic(os.path.join(out_dir, POINTER_FILE), pointer)
 
 
-def prepare(data_cfg) -> Prepared:
-    """Prepare `data.sources` into `data.out_dir`, or return at once if that is already done.
+def _reuse(out_dir: str, root: str, streams: list[str]) -> Prepared:
+    lock = ReaderLock(root)
+    stats = layout.verify(root, streams)  # a deleted shard or a corrupt index.json is named here, not mid-training
+    _point(out_dir, root, stats)
+    return Prepared(root, os.path.join(root, TOKENIZER_FILE), streams, stats, lock)
 
-    Single-process API: in a distributed job call it on one rank and barrier.
+
+def _fsync_tree(folder: str) -> None:
+    from pathlib import Path
+
+    from ftlm.checkpoint.atomic import fsync_tree
+
+    fsync_tree(Path(folder))
+
+
+# -- the API -------------------------------------------------------------------------------------------------------
+def prepare(data_cfg, tokenizer_path: str | None = None, *, rebuild: bool = False) -> Prepared:
+    """Prepare `data.sources` into a folder of `data.out_dir`, or verify and return the one already there.
+
+    tokenizer_path: prepare with exactly this tokenizer.json (a resumed run passes its own, so its vocabulary never
+    changes); data.tokenizer's training settings are then ignored, and an existing preparation of the same inputs
+    with a byte-identical tokenizer is reused. rebuild: make the preparation anew even if it exists (the old
+    folder is set aside under out_dir/trash, for `--gc`). Single-process API: in a distributed job call it on one
+    rank, barrier, then on the others (which find it done).
     """
     cfg = as_dict(data_cfg)
     streams = check_data_config(cfg)
     out_dir = expand_path(cfg["out_dir"])
-    wanted = fingerprint(cfg)  # also resolves every source: a missing file fails here, before any work
-    with _exclusive(out_dir):
-        done = load_prepared(out_dir, wanted)
-        if done is not None:
-            logger.info("data already prepared in %s (fingerprint %s)", out_dir, wanted)
+    if tokenizer_path is not None:
+        tokenizer_path = expand_path(tokenizer_path)
+        _check_forced_tokenizer(tokenizer_path, cfg["tokenizer"]["special_tokens"])
+        cfg["tokenizer"] = dict(cfg["tokenizer"], path=tokenizer_path, extend_from=None)
+    inputs = source_inputs(cfg)  # resolves every source: a missing file fails here
+    given = pipeline.given_tokenizer(cfg)  # a tokenizer file that does not load fails here
+    check_out_dir(out_dir)  # the last check, and the first write: an empty folder
+    keys = _keys(cfg, inputs)
+    root = layout.preparation_dir(out_dir, keys["fingerprint"])
+
+    if not rebuild:
+        if os.path.isfile(os.path.join(root, STATS_FILE)):
+            done = _reuse(out_dir, root, streams)
+            logger.info("data already prepared in %s", root)
             return done
-        return _prepare(cfg, streams, out_dir, wanted)
-
-
-def _prepare(cfg: dict, streams: list[str], out_dir: str, wanted: str) -> Prepared:
-    started = time.time()
-    given = given_tokenizer(cfg)
-    for name in (STATS_FILE, TOKENIZER_FILE):  # the marker goes first: a crash below leaves no valid preparation
-        if os.path.exists(os.path.join(out_dir, name)):
-            os.remove(os.path.join(out_dir, name))
-    for name in ("shards", "clean"):
-        shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
-    os.makedirs(os.path.join(out_dir, "clean"))
-    logger.info("preparing %s into %s", cfg.get("name", "data"), out_dir)
-
-    sources = corpus.expand_embedded(
-        {s: list(v) if not isinstance(v, str) else [v] for s, v in cfg["sources"].items()}, out_dir
-    )
-    files = {stream: resolve_files(stream, sources[stream]) for stream in streams}
-    n_workers = cfg.get("num_workers")
-    n_workers = (os.cpu_count() or 1) if n_workers is None else int(n_workers)
-    clean_cfg = CleanConfig.from_cfg(cfg.get("clean")).__dict__
-    dedup_cfg = DedupConfig.from_cfg(cfg.get("dedup")).__dict__
-    workers = Workers(n_workers, clean_cfg, dedup_cfg)
-    timings = {}
-    try:
-        stats: dict[str, dict] = {}
-        clean_paths = {s: os.path.join(out_dir, "clean", f"{s}.jsonl") for s in streams}
-        t = time.time()
-        for stream in streams:
-            stats[stream] = clean_stream(stream, files[stream], cfg, workers, clean_paths[stream])
-        timings["clean_dedup_s"] = time.time() - t
-
-        t = time.time()
-        tokenizer_path = os.path.join(out_dir, TOKENIZER_FILE)
-        tokenizer, origin = build_tokenizer(cfg, given, clean_paths, stats, tokenizer_path)
-        timings["tokenizer_s"] = time.time() - t
-
-        t = time.time()
-        for stream in streams:
-            stats[stream].update(
-                shard_stream(
-                    stream,
-                    clean_paths[stream],
-                    cfg,
-                    workers,
-                    tokenizer,
-                    tokenizer_path,
-                    out_dir,
-                    stats[stream]["docs_out"],
-                )
+        if tokenizer_path is not None and os.path.isdir(out_dir):
+            same = _equivalent(out_dir, keys, _sha256(tokenizer_path))
+            if same is not None:
+                done = _reuse(out_dir, same[0], streams)
+                logger.info("data already prepared with this tokenizer in %s", same[0])
+                return done
+    previous = _previous(out_dir, keys) if os.path.isdir(out_dir) else None
+    changes = _changes(previous[1].get("inputs", {}), inputs) if previous else []
+    if changes:
+        listing = "\n  ".join(changes)
+        if cfg["source_change"] == "refuse":
+            raise DataConfigError(
+                f"data.sources changed since the preparation {previous[0]} (data.source_change=refuse):\n  {listing}\n"
+                f"restore the files, or set data.source_change=prepare to prepare them anew beside it"
             )
-            _add_ratios(stats[stream])
-        timings["tokenize_shard_s"] = time.time() - t
-    finally:
-        workers.close()
-    if not cfg.get("keep_clean_text", False):
-        shutil.rmtree(os.path.join(out_dir, "clean"), ignore_errors=True)
-    timings["total_s"] = time.time() - started
+        logger.warning(
+            "data.sources changed since the preparation %s:\n  %s\npreparing anew beside it (it is kept)%s",
+            previous[0],
+            listing,
+            f", with the given tokenizer {tokenizer_path}" if tokenizer_path else "",
+        )
 
-    report = {
-        "fingerprint": wanted,
-        "name": cfg.get("name"),
-        "out_dir": out_dir,
-        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "tokenizer": {
-            "path": tokenizer_path,
-            "origin": origin,
-            "vocab_size": tokenizer.vocab_size,
-            "eot_id": tokenizer.eot_id,
-            "pad_id": tokenizer.pad_id,
-            "special_tokens": tokenizer.special_tokens(),
-        },
-        "streams": stats,
-        "num_workers": n_workers,
-        "timings": {k: round(v, 3) for k, v in timings.items()},
-        "settings": {k: cfg.get(k) for k in PREPARATION_KEYS},
-    }
+    with _exclusive(out_dir, keys["fingerprint"]):
+        if not rebuild and os.path.isfile(os.path.join(root, STATS_FILE)):  # another process made it meanwhile
+            return _reuse(out_dir, root, streams)
+        return _prepare(cfg, streams, out_dir, keys, inputs, given, changes, tokenizer_path, rebuild)
+
+
+def _prepare(
+    cfg: dict,
+    streams: list[str],
+    out_dir: str,
+    keys: dict,
+    inputs: dict,
+    given,
+    changes: list[str],
+    tokenizer_path: str | None,
+    rebuild: bool,
+) -> Prepared:
+    started = time.time()
+    fingerprint = keys["fingerprint"]
+    root = layout.preparation_dir(out_dir, fingerprint)
+    _remove_dead_temps(out_dir, fingerprint)
+    work = os.path.join(out_dir, TMP_DIR, f"{fingerprint}.{layout.host_tag()}")
+    os.makedirs(work)
+    logger.info("preparing %s into %s (written in %s, renamed when complete)", cfg["name"], root, work)
+    try:
+        # Finished tasks are kept in tmp/tasks-<fingerprint> (stable across attempts; the fingerprint lock guards it),
+        # so a preparation killed half-way resumes them; pipeline.run removes it once complete.
+        state = os.path.join(out_dir, TMP_DIR, f"tasks-{fingerprint}")
+        result = pipeline.run(cfg, streams, work, given, state_dir=state)
+        if tokenizer_path is not None:  # exactly the given file, byte for byte
+            shutil.copyfile(tokenizer_path, os.path.join(work, TOKENIZER_FILE))
+        result["timings"]["total_s"] = round(time.time() - started, 3)
+        result["tokenizer"]["path"] = os.path.join(root, TOKENIZER_FILE)
+        result["tokenizer"]["sha256"] = _sha256(os.path.join(work, TOKENIZER_FILE))
+        report = {
+            "fingerprint": fingerprint,
+            "content_key": keys["content_key"],
+            "settings_key": keys["settings_key"],
+            "name": cfg["name"],
+            "out_dir": root,
+            "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+            **result,
+            "inputs": inputs,
+            "source_changes": changes,
+            "settings": {k: cfg[k] for k in PREPARATION_KEYS},
+        }
+        write_json_atomic(os.path.join(work, STATS_FILE), report)  # last: marks the preparation complete
+        _fsync_tree(work)
+        _publish(out_dir, work, root, rebuild)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)  # our own unfinished folder: nobody else reads it
+        raise
     print(format_report(report), flush=True)
-    write_json_atomic(os.path.join(out_dir, STATS_FILE), report)  # last: marks the preparation complete
-    return Prepared(out_dir, tokenizer_path, streams, report)
+    return _reuse(out_dir, root, streams)
 
 
-def _add_ratios(s: dict) -> None:
-    tokens = s["tokens_train"] + s["tokens_val"]
-    s["tokens"] = tokens
-    s["tokens_per_char"] = round(tokens / max(s["chars_out"], 1), 4)
-    s["tokens_per_word"] = round(tokens / max(s["words_out"], 1), 4)
-    s["bytes_per_token"] = round(s["bytes_out"] / max(tokens, 1), 4)
-    s["chinchilla_params"] = s["tokens_train"] // 20  # compute-optimal model size for this many tokens (~20/param)
+def _publish(out_dir: str, work: str, root: str, rebuild: bool) -> None:
+    """Rename the finished folder into place; an existing one (rebuild) is set aside first, never deleted.
+
+    Without rebuild, a folder that appeared meanwhile (a preparer on another node whose lock this one did not
+    see) is complete and may be read already: it stays, and ours is dropped (the same content).
+    """
+    if os.path.exists(root) and not rebuild:
+        shutil.rmtree(work, ignore_errors=True)
+        return
+    if os.path.exists(root):
+        trash = os.path.join(out_dir, TRASH_DIR)
+        os.makedirs(trash, exist_ok=True)
+        aside = os.path.join(trash, f"{os.path.basename(root)}.{layout.host_tag()}.{int(time.time())}")
+        os.rename(root, aside)
+        logger.warning("set the previous preparation aside as %s (`ftlm-prepare --gc` removes it)", aside)
+    try:
+        os.rename(work, root)  # atomic; fails if root appeared since the check above
+    except OSError:
+        if not os.path.isfile(os.path.join(root, STATS_FILE)):
+            raise
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _remove_dead_temps(out_dir: str, fingerprint: str) -> None:
+    for path in glob.glob(os.path.join(out_dir, TMP_DIR, f"{fingerprint}.*")):
+        if layout.owner_gone(os.path.basename(path)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# -- garbage collection: the only place preparations are removed ---------------------------------------------------
+def _try_remove(folder: str) -> bool:
+    """Remove `folder` unless a reader holds its stats.json; True if removed."""
+    stats = os.path.join(folder, STATS_FILE)
+    handle = open(stats, "rb") if os.path.isfile(stats) else None
+    try:
+        if handle is not None:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+        gone = os.path.join(os.path.dirname(folder), f".removing.{os.path.basename(folder)}.{layout.host_tag()}")
+        os.rename(folder, gone)  # atomic: a reader opening it now finds it missing, never half removed
+    finally:
+        if handle is not None:
+            handle.close()
+    shutil.rmtree(gone, ignore_errors=True)
+    return True
+
+
+def gc(data_cfg) -> dict[str, list[str]]:
+    """Remove the preparations of data.out_dir that latest.json does not name and no live process reads,
+    everything set aside in trash/, and the unfinished folders of dead preparations (this host's)."""
+    cfg = as_dict(data_cfg)
+    out_dir = expand_path(cfg["out_dir"])
+    keep = layout.read_pointer(out_dir)
+    result: dict[str, list[str]] = {"removed": [], "kept (latest)": [], "kept (in use)": []}
+    for folder, _ in _preparations(out_dir):
+        if os.path.basename(folder) == keep:
+            result["kept (latest)"].append(folder)
+        elif _try_remove(folder):
+            result["removed"].append(folder)
+        else:
+            result["kept (in use)"].append(folder)
+    for folder in sorted(glob.glob(os.path.join(out_dir, TRASH_DIR, "*"))):
+        (result["removed"] if _try_remove(folder) else result["kept (in use)"]).append(folder)
+    for folder in sorted(glob.glob(os.path.join(out_dir, TMP_DIR, "*"))):
+        if layout.owner_gone(os.path.basename(folder)):
+            shutil.rmtree(folder, ignore_errors=True)
+            result["removed"].append(folder)
+    if os.path.isfile(os.path.join(out_dir, STATS_FILE)):
+        logger.warning(
+            "%s also holds a preparation of the layout before fingerprint folders (stats.json, shards/ at its top): "
+            "remove those by hand once no job reads them",
+            out_dir,
+        )
+    return result
 
 
 def _human(n: float) -> str:
@@ -559,17 +493,39 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _run(cfg) -> Prepared:
+def _run(cfg, mode: str | None = None) -> Prepared | dict:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return prepare(cfg.data)
+    try:
+        if mode == "--gc":
+            result = gc(cfg.data)
+            for what, folders in result.items():
+                for folder in folders:
+                    print(f"{what}: {folder}")
+            print(f"gc: removed {len(result['removed'])} folder(s)")
+            return result
+        return prepare(cfg.data, rebuild=mode == "--rebuild")
+    except (DataConfigError, DamagedPreparationError) as err:
+        print(f"ftlm-prepare: error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main() -> None:
-    """Console script `ftlm-prepare`: a Hydra app over conf/ (use `data=...` and `data.*` overrides)."""
+    """Console script `ftlm-prepare`: a Hydra app over conf/ (use `data=...` and `data.*` overrides), plus
+    `--gc` (remove old preparations nobody reads) and `--rebuild` (make the preparation anew)."""
     from ftlm.config import hydra_app
 
-    hydra_app()(_run)()
+    modes = [a for a in sys.argv[1:] if a in ("--gc", "--rebuild")]
+    if len(modes) > 1:
+        print("ftlm-prepare: error: --gc and --rebuild exclude each other", file=sys.stderr)
+        sys.exit(2)
+    sys.argv = [a for a in sys.argv if a not in ("--gc", "--rebuild")]
+    mode = modes[0] if modes else None
+
+    def run(cfg):
+        return _run(cfg, mode)
+
+    hydra_app()(run)()
 
 
 if __name__ == "__main__":

@@ -1,12 +1,4 @@
-"""Where prepared data lives and how token shards are written.
-
-Layout of `data.out_dir` (the same below `data.remote` when shards are served from object storage):
-
-    tokenizer.json                 the tokenizer, special tokens included
-    shards/<stream>/<split>/       MDS shards (streaming.MDSWriter), one column `tokens` (uint16 or uint32 ids of
-                                   one document, no end-of-text: the loader inserts it), plus `ftlm.json` (counts)
-    stats.json                     the report; written last, so its presence means the preparation is complete
-"""
+"""How token shards are written and their counts read back (the layout itself is in layout.py)."""
 
 from __future__ import annotations
 
@@ -15,9 +7,8 @@ import os
 
 import numpy as np
 
-SPLITS = ("train", "val")
-META_FILE = "ftlm.json"
-COLUMN = "tokens"
+from .layout import COLUMN, META_FILE, SPLITS, host_tag, split_dir  # noqa: F401  (re-exported: the names readers use)
+
 COMPRESSIONS = (None, "zstd", "zstd:1", "zstd:3", "zstd:9", "gz", "bz2", "br", "snappy")
 
 
@@ -25,21 +16,10 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
 
 
-def split_dir(root: str, stream: str, split: str) -> str:
-    """Directory (or URL) of one stream's split below a preparation root."""
-    return (
-        "/".join([root.rstrip("/"), "shards", stream, split])
-        if "://" in root
-        else os.path.join(root, "shards", stream, split)
-    )
-
-
 def write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    from ftlm.checkpoint.atomic import write_json_atomic as write
+
+    write(path, obj)
 
 
 class SplitWriter:
@@ -83,9 +63,11 @@ def read_meta(directory: str, cache_dir: str | None = None) -> dict | None:
 
         path = os.path.join(cache_dir or ".", META_FILE)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.{host_tag()}"  # the cache is shared: never write over a file another process may read
         try:
-            CloudDownloader.direct_download(f"{directory.rstrip('/')}/{META_FILE}", path, 60)
+            CloudDownloader.direct_download(f"{directory.rstrip('/')}/{META_FILE}", tmp, 60)
         except Exception:  # older preparations or other tools: the loader falls back to index.json sizes
             return None
+        os.replace(tmp, path)
     with open(path, encoding="utf-8") as f:
         return json.load(f)

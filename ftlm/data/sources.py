@@ -64,11 +64,7 @@ def resolve_files(stream: str, patterns: Iterable[str]) -> list[str]:
     for pattern in patterns:
         pattern = os.path.abspath(os.path.expanduser(str(pattern)))
         if os.path.isdir(pattern):
-            found = sorted(
-                p
-                for p in glob.glob(os.path.join(pattern, "**", "*"), recursive=True)
-                if os.path.isfile(p) and p.endswith(SUPPORTED)
-            )
+            found = sorted(p for p in _walk_files(stream, pattern) if p.endswith(SUPPORTED))
             if not found:
                 raise SourceError(f"data.sources.{stream}: directory {pattern} holds no {'/'.join(SUPPORTED)} file")
         elif glob.has_magic(pattern):
@@ -85,17 +81,78 @@ def resolve_files(stream: str, patterns: Iterable[str]) -> list[str]:
                     f"data.sources.{stream}: {path} is not one of the supported formats ({', '.join(SUPPORTED)})"
                 )
         files.extend(found)
-    return list(dict.fromkeys(files))
+    # the same file reached twice (through a symlink, or two patterns) is read once
+    unique: dict[str, str] = {}
+    for path in files:
+        unique.setdefault(os.path.realpath(path), path)
+    return list(unique.values())
+
+
+def _walk_files(stream: str, root: str) -> Iterator[str]:
+    """Every file below `root`, following symlinked folders but entering no folder twice (a symlink loop such as
+    `a/b -> a` would otherwise recurse until the path is too long, listing the same files again and again)."""
+    seen: set[tuple[int, int]] = set()
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:
+            logger.warning("data.sources.%s: %s is a folder already read (a symlink loop): skipped", stream, folder)
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs.sort()
+        for name in names:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                yield path
 
 
 def _open_binary(path: str) -> io.BufferedIOBase:
     if path.endswith(".gz"):
         return gzip.open(path, "rb")
     if path.endswith(".zst"):
+        return io.BufferedReader(_ZstdReader(path))
+    return open(path, "rb")
+
+
+class _ZstdReader(io.RawIOBase):
+    """A .zst file, frame after frame, that raises EOFError when the file ends inside a frame (zstandard's own
+    stream reader ends silently there, so a truncated file would pass for a short one)."""
+
+    def __init__(self, path: str):
         import zstandard
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
-    return open(path, "rb")
+        self._zstd = zstandard
+        self._file = open(path, "rb")
+        self._frame = zstandard.ZstdDecompressor().decompressobj()
+        self._pending = b""
+        self._in_frame = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._pending:
+            chunk = self._file.read(1 << 16)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("the zstd file ended inside a frame (truncated)")
+                return 0
+            while chunk:
+                self._in_frame = True
+                self._pending += self._frame.decompress(chunk)
+                if not self._frame.eof:
+                    break
+                chunk = self._frame.unused_data  # the next frame of a multi-frame file
+                self._frame = self._zstd.ZstdDecompressor().decompressobj()
+                self._in_frame = False
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 def _lines(path: str, issues: InputIssues, max_line_bytes: int) -> Iterator[tuple[int, str]]:
@@ -108,7 +165,14 @@ def _lines(path: str, issues: InputIssues, max_line_bytes: int) -> Iterator[tupl
     with _open_binary(path) as f:
         number = 0
         while True:
-            raw = f.readline(max_line_bytes + 1)
+            try:
+                raw = f.readline(max_line_bytes + 1)
+            except Exception as err:  # noqa: BLE001 - gzip: EOFError, BadGzipFile, zlib.error; zstd: ZstdError
+                # a truncated or corrupt compressed file: keep every line read so far, report where it broke off,
+                # and go on with the next file
+                kind = "truncated_file" if isinstance(err, EOFError) else "corrupt_file"
+                issues.add(kind, path, number + 1, f"{type(err).__name__}: {str(err)[:80]}; the lines before are kept")
+                return
             if not raw:
                 break
             number += 1

@@ -7,23 +7,29 @@ length (from `ftlm.json`), which makes the expected token shares exactly `data.m
 
 The order of documents is ours, not `StreamingDataset.__iter__`'s: every epoch, `resample_streams(epoch)` gives the
 weighted multiset of documents, a permutation seeded by (seed, epoch) orders them, and rank r takes every
-world_size-th one starting at r. Each rank packs its documents back to back, separated by `<|endoftext|>`, into
-rows of seq_len + 1 tokens. So a rank's stream is a pure function of (seed, rank, world size, data), ranks never
-wait on each other, and the loader's position is three integers: that is what `state_dict()` saves.
+world_size-th one starting at r. Each rank packs its documents (`data.packing`, see packing.py) into rows of
+seq_len + 1 tokens and yields `Batch`es: inputs, targets (-100 on padding), per-token positions that restart at
+every document start, and cu_seqlens, all from the document boundaries the packer placed (nothing scans for
+`<|endoftext|>`). So a rank's stream is a pure function of (seed, rank, world size, data), ranks never wait on
+each other, and the loader's position is four integers: that is what `state_dict()` saves.
 
 Each process opens its datasets as a "world of one" under a machine-wide file lock. streaming's shared memory
 coordinates processes of one node; here nothing needs coordinating (every rank reads by index), and the lock
 makes the choice of shared-memory names atomic, so several nodes on one machine, several jobs, and several
 datasets in one process (train + one val per stream) never collide.
+
+Compressed or remote shards are decompressed/downloaded into `data.cache_dir`, one folder per process
+(`<host>.<pid>`, holding a lock for the life of the process): a folder is removed only when its owner is provably
+gone (same host, process dead, lock free), never while any live process reads it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -33,9 +39,12 @@ from unittest import mock
 import numpy as np
 import torch
 
+from . import layout
+from .batch import Batch
 from .checks import as_dict, check_mix, stream_names
-from .prepare import STATS_FILE, TOKENIZER_FILE, expand_path
-from .shards import COLUMN, read_meta, split_dir
+from .layout import COLUMN, expand_path, split_dir
+from .packing import PACKINGS, PackingStats, Row, best_fit_rows, concat_rows
+from .shards import read_meta
 from .tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -66,27 +75,43 @@ def _world_of_one():
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+_CACHE_LOCK = ".in-use.lock"
+_held_cache_locks: dict[str, object] = {}  # folder -> open lock file, held until this process exits
+
+
+def _own_cache_folder(root: str) -> str:
+    """This process's cache folder below `root`, created and locked for the life of the process."""
+    folder = os.path.join(root, layout.host_tag())
+    if folder not in _held_cache_locks:
+        os.makedirs(folder, exist_ok=True)
+        lock = open(os.path.join(folder, _CACHE_LOCK), "a")
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        _held_cache_locks[folder] = lock
+    return folder
+
+
+def _owner_gone(folder: str) -> bool:
+    """True only when the folder's owner is certainly not reading it: a process of this host that is dead and
+    whose lock nobody holds. Another host's folder, a live pid, or a held lock all keep the folder."""
+    if not layout.owner_gone(os.path.basename(folder)):
         return False
-    except PermissionError:
-        return True
+    try:
+        with open(os.path.join(folder, _CACHE_LOCK), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    except OSError:  # BlockingIOError: held
+        return False
     return True
 
 
 def _release_dead_caches(cache_root: str) -> None:
-    """Remove cache folders of processes that died, and the shared memory that still names them."""
+    """Remove cache folders whose owner is provably gone, and the shared memory that still names them."""
     from multiprocessing.shared_memory import SharedMemory
 
     from streaming.base.constant import LOCALS, SHM_TO_CLEAN
 
-    dead = []
-    for name in os.listdir(cache_root) if os.path.isdir(cache_root) else []:
-        match = re.fullmatch(r"pid(\d+)", name)
-        if match and not _pid_alive(int(match.group(1))):
-            dead.append(os.path.join(cache_root, name))
+    names = os.listdir(cache_root) if os.path.isdir(cache_root) else []
+    dead = [os.path.join(cache_root, n) for n in names if _owner_gone(os.path.join(cache_root, n))]
     if not dead:
         return
     for prefix in range(10000):
@@ -109,7 +134,13 @@ def _release_dead_caches(cache_root: str) -> None:
                 except (FileNotFoundError, PermissionError):
                     pass
     for path in dead:
-        shutil.rmtree(path, ignore_errors=True)
+        # set aside first (atomic), so nothing ever sees a half-removed folder under its live name
+        trash = f"{path}.removing.{layout.host_tag()}"
+        try:
+            os.rename(path, trash)
+        except OSError:
+            continue
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def _is_compressed(directory: str) -> bool:
@@ -126,7 +157,7 @@ def _stream(directory: str, cache_dir: str, proportion: float | None):
     # Decompressing or downloading writes files: each process gets its own folder, so none races another.
     root = os.path.join(expand_path(cache_dir), hashlib.sha1(directory.encode()).hexdigest()[:12])
     _release_dead_caches(root)
-    return Stream(remote=directory, local=os.path.join(root, f"pid{os.getpid()}"), proportion=proportion)
+    return Stream(remote=directory, local=_own_cache_folder(root), proportion=proportion)
 
 
 def open_dataset(
@@ -137,21 +168,47 @@ def open_dataset(
     cache_limit: str | None = None,
     seed: int = 0,
 ):
-    """A StreamingDataset over split directories (local paths or URLs), read by index."""
+    """A StreamingDataset over split directories (local paths or URLs), read by index.
+
+    Opened once per process for the same arguments and files: we only read it by index (and resample_streams is a
+    function of the epoch), so loaders can share it; and streaming keeps every dataset's shared memory until the
+    process exits, so opening the same split again and again would only pile up file descriptors.
+    """
     from streaming import StreamingDataset
 
     proportions = proportions or [None] * len(directories)
-    with _world_of_one():
-        streams = [_stream(d, cache_dir, p) for d, p in zip(directories, proportions)]
-        return StreamingDataset(
-            streams=streams,
-            shuffle=False,
-            batch_size=1,
-            epoch_size=epoch_size,
-            cache_limit=cache_limit,
-            shuffle_seed=seed,
-            sampling_method="balanced",
-        )
+    key = (
+        tuple(directories),
+        tuple(_identity(d) for d in directories),  # a preparation made anew at the same path is another dataset
+        expand_path(cache_dir),
+        tuple(proportions),
+        epoch_size,
+        cache_limit,
+        seed,
+    )
+    if key not in _datasets:
+        with _world_of_one():
+            streams = [_stream(d, cache_dir, p) for d, p in zip(directories, proportions)]
+            _datasets[key] = StreamingDataset(
+                streams=streams,
+                shuffle=False,
+                batch_size=1,
+                epoch_size=epoch_size,
+                cache_limit=cache_limit,
+                shuffle_seed=seed,
+                sampling_method="balanced",
+            )
+    return _datasets[key]
+
+
+_datasets: dict[tuple, object] = {}
+
+
+def _identity(directory: str) -> tuple:
+    if "://" in directory:
+        return ()
+    st = os.stat(os.path.join(directory, layout.INDEX_FILE))
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def read_split(directory: str, cache_dir: str | None = None) -> list[np.ndarray]:
@@ -164,34 +221,65 @@ def read_split(directory: str, cache_dir: str | None = None) -> list[np.ndarray]
 
 
 # -- where the prepared data is ------------------------------------------------------------------------------------
-def default_cache_dir() -> str:
-    """Same as conf/data/*.yaml's data.cache_dir."""
-    return os.path.join(os.environ.get("FTLM_CACHE", "~/.cache/ftlm"), "streaming")
+class _Source:
+    """The preparation a loader reads: its folder, shard root, tokenizer, stats, and the reader lock it holds."""
+
+    def __init__(self, cfg: dict, prepared=None):
+        if prepared is None:
+            root = layout.locate(cfg["out_dir"])
+        else:  # a Prepared (from prepare()) or the path of a preparation folder
+            root = expand_path(getattr(prepared, "out_dir", prepared))
+        self.lock = layout.ReaderLock(root)  # ftlm-prepare --gc leaves it alone while we read it
+        # with data.remote the shards are elsewhere (streaming checks what it downloads): only the local files here
+        self.stats = layout.verify(root, [] if cfg["remote"] else stream_names(cfg))
+        self.root = root
+        self.shards = cfg["remote"] or root
+        self.fingerprint = self.stats.get("fingerprint")
+        self.tokenizer = Tokenizer.load(os.path.join(root, layout.TOKENIZER_FILE))
+        if prepared is None:
+            settings = self.stats.get("settings", {})
+            keys = [k for k in layout.PREPARATION_KEYS if k != "tokenizer" and k in settings]
+            changed = [k for k in keys if settings[k] != json.loads(json.dumps(cfg[k]))]  # as stats.json holds it
+            if changed:
+                logger.warning(
+                    "data.out_dir's latest preparation %s was made with other data.%s than this config: another "
+                    "preparation may have been made since; pass the preparation prepare() returned to the loader",
+                    root,
+                    ", data.".join(changed),
+                )
 
 
-def _prepared(cfg: dict) -> tuple[str, Tokenizer]:
-    out_dir = expand_path(cfg["out_dir"])
-    tokenizer_path = os.path.join(out_dir, TOKENIZER_FILE)
-    if not os.path.isfile(os.path.join(out_dir, STATS_FILE)) or not os.path.isfile(tokenizer_path):
-        raise FileNotFoundError(
-            f"no prepared data in data.out_dir={out_dir}: run `ftlm-prepare` with the same data "
-            f"config first (ftlm-train does it by itself)"
-        )
-    root = cfg.get("remote") or out_dir
-    return root, Tokenizer.load(tokenizer_path)
-
-
-def _split_meta(root: str, stream: str, split: str, cache_dir: str) -> dict:
-    directory = split_dir(root, stream, split)
-    meta = read_meta(directory, os.path.join(expand_path(cache_dir), "meta", stream, split))
+def _split_meta(source: _Source, stream: str, split: str, cache_dir: str) -> dict:
+    directory = split_dir(source.shards, stream, split)
+    meta_cache = os.path.join(expand_path(cache_dir), "meta", hashlib.sha1(directory.encode()).hexdigest()[:12])
+    meta = read_meta(directory, meta_cache)
     if meta is None:
         raise FileNotFoundError(f"{directory}: no {split} shards prepared by ftlm-prepare (ftlm.json missing)")
     return meta
 
 
+def _check_packing(cfg: dict) -> tuple[str, int]:
+    packing, buffer = cfg["packing"], cfg["packing_buffer"]
+    if packing not in PACKINGS:
+        raise ValueError(f"data.packing must be one of {list(PACKINGS)}, got {packing!r}")
+    if not isinstance(buffer, int) or buffer < 1:
+        raise ValueError(f"data.packing_buffer must be a positive number of documents, got {buffer!r}")
+    return packing, buffer
+
+
+def _rows_to_batch(rows: list[Row]) -> Batch:
+    tokens = torch.from_numpy(np.stack([r.tokens for r in rows]))  # (B, S+1)
+    return Batch.from_rows(tokens, [r.starts for r in rows], [r.used for r in rows])
+
+
 # -- training ------------------------------------------------------------------------------------------------------
 class PackedTrainLoader:
-    """Endless (micro_batch_size, seq_len + 1) LongTensors for one rank; `state_dict()` resumes exactly."""
+    """Endless `Batch`es of (micro_batch_size, seq_len) for one rank; `state_dict()` resumes exactly.
+
+    The position is (epoch, start, pos, offset): `pos` documents of this rank's share of the epoch (after the first
+    `start` of the epoch's order) are done; with concat `offset` tokens of the next one are too, with best_fit
+    `offset` rows of the buffer that starts at `pos`.
+    """
 
     def __init__(
         self,
@@ -204,23 +292,32 @@ class PackedTrainLoader:
         seed: int,
         eot_id: int,
         signature: dict,
+        pad_id: int | None = None,
+        packing: str = "concat",
+        packing_buffer: int = 1,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         if dataset.epoch_size < world_size:
             raise ValueError(f"data.epoch_size={dataset.epoch_size} documents cannot be split over {world_size} ranks")
+        if packing == "best_fit" and pad_id is None:
+            raise ValueError("data.packing=best_fit needs a tokenizer with <|pad|>")
         self.dataset = dataset
         self.stream_names = stream_names
         self.row = seq_len + 1
         self.micro_batch_size = micro_batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.eot_id = eot_id
+        self.eot_id, self.pad_id = eot_id, pad_id
+        self.packing, self.packing_buffer = packing, packing_buffer
         self.signature = signature  # what must not change for a saved position to mean the same documents
         self.stream_of_sample = np.repeat(np.arange(len(stream_names)), dataset.samples_per_stream)
-        self.tokens_per_stream = np.zeros(len(stream_names), np.int64)  # what this rank has emitted, by stream
+        self.tokens_per_stream = np.zeros(len(stream_names), np.int64)  # real tokens this rank emitted, by stream
+        self.packing_stats = PackingStats()
+        self.source = None  # the _Source (and its reader lock) this loader reads; set by build_train_loader
         self._epoch = self._start = self._pos = self._offset = 0
         self._order_epoch, self._order_all = -1, np.empty(0, np.int64)
         self._doc_key, self._doc = None, np.empty(0, np.int64)
+        self._rows_key, self._rows, self._rows_docs = None, [], 0
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         """This epoch's documents for this rank (global sample ids)."""
@@ -230,16 +327,23 @@ class PackedTrainLoader:
             self._order_epoch, self._order_all = epoch, ids
         return self._order_all[self._start + self.rank :: self.world_size]
 
-    def _document(self) -> np.ndarray:
+    def _current_order(self) -> np.ndarray:
         order = self._epoch_order(self._epoch)
         while self._pos >= len(order):  # epoch done: the next one starts from its beginning
             self._epoch, self._start, self._pos, self._offset = self._epoch + 1, 0, 0, 0
             order = self._epoch_order(self._epoch)
+        return order
+
+    def _read(self, sample: int) -> np.ndarray:
+        """One document's tokens followed by <|endoftext|>."""
+        return np.concatenate([self.dataset[sample][COLUMN].astype(np.int64), [self.eot_id]])
+
+    def _document(self) -> np.ndarray:
+        order = self._current_order()
         key = (self._epoch, self._start, self._pos)
         if self._doc_key != key:
             sample = int(order[self._pos])
-            tokens = self.dataset[sample][COLUMN]
-            self._doc = np.concatenate([tokens.astype(np.int64), [self.eot_id]])
+            self._doc = self._read(sample)
             self._doc_stream = self.stream_of_sample[sample]
             self._doc_key = key
         return self._doc
@@ -247,20 +351,63 @@ class PackedTrainLoader:
     def __iter__(self) -> PackedTrainLoader:
         return self
 
-    def __next__(self) -> torch.Tensor:
-        batch = np.empty((self.micro_batch_size, self.row), np.int64)
-        flat = batch.reshape(-1)
+    def __next__(self) -> Batch:
+        rows = self._next_concat() if self.packing == "concat" else self._next_best_fit()
+        for row in rows:
+            self.packing_stats.add(row)
+        return _rows_to_batch(rows)
+
+    def _next_concat(self) -> list[Row]:
+        flat = np.empty(self.micro_batch_size * self.row, np.int64)
+        starts: list[list[int]] = [[] for _ in range(self.micro_batch_size)]
+        docs, cut = [0] * self.micro_batch_size, [0] * self.micro_batch_size
         filled = 0
         while filled < flat.size:
             doc = self._document()
             take = min(flat.size - filled, len(doc) - self._offset)
+            if self._offset == 0:  # a document starts here
+                row, col = divmod(filled, self.row)
+                starts[row].append(col)
+                docs[row] += 1
+                cut[row] += col + len(doc) > self.row  # it runs past the end of its row
             flat[filled : filled + take] = doc[self._offset : self._offset + take]
             self.tokens_per_stream[self._doc_stream] += take
             filled += take
             self._offset += take
             if self._offset == len(doc):
                 self._pos, self._offset = self._pos + 1, 0
-        return torch.from_numpy(batch)
+        rows = flat.reshape(self.micro_batch_size, self.row)
+        return [Row(rows[b], starts[b], self.row, docs[b], cut[b]) for b in range(self.micro_batch_size)]
+
+    def _buffer(self) -> list[Row]:
+        """The rows best-fit packing makes of the buffer of documents that starts at `pos` (cached)."""
+        order = self._current_order()
+        key = (self._epoch, self._start, self._pos)
+        if self._rows_key != key:
+            samples = [int(i) for i in order[self._pos : self._pos + self.packing_buffer]]
+            docs = [self._read(i) for i in samples]
+            self._rows = best_fit_rows(docs, self.row, self.pad_id)
+            self._rows_streams = [[self.stream_of_sample[samples[d]] for d in r.parts] for r in self._rows]
+            self._rows_key, self._rows_docs = key, len(samples)
+        return self._rows
+
+    def _next_best_fit(self) -> list[Row]:
+        rows: list[Row] = []
+        while len(rows) < self.micro_batch_size:
+            buffer = self._buffer()
+            if self._offset >= len(buffer):
+                self._pos, self._offset = self._pos + self._rows_docs, 0
+                continue
+            row = buffer[self._offset]
+            for stream, n in zip(self._rows_streams[self._offset], row.part_tokens):
+                self.tokens_per_stream[stream] += n
+            rows.append(row)
+            self._offset += 1
+        return rows
+
+    def stats(self) -> dict[str, float]:
+        """{'pad_fraction', 'cut_doc_share'} of the rows yielded since the previous call (log as train/<key>)."""
+        return self.packing_stats.take()
 
     # -- resumption ------------------------------------------------------------------------------------------------
     def _cursor(self) -> dict:
@@ -307,7 +454,7 @@ class PackedTrainLoader:
             )
         else:
             self._resume_elastic(state)
-        self._doc_key = None
+        self._doc_key = self._rows_key = None
 
     def _resume_elastic(self, state: dict) -> None:
         """Another world size: restart the oldest saved epoch after the documents every old rank had finished."""
@@ -340,23 +487,25 @@ def _mix_proportions(cfg: dict, streams: list[str], metas: dict[str, dict]) -> t
 
 
 def build_train_loader(
-    data_cfg, seq_len: int, micro_batch_size: int, rank: int, world_size: int, seed: int
+    data_cfg, seq_len: int, micro_batch_size: int, rank: int, world_size: int, seed: int, prepared=None
 ) -> PackedTrainLoader:
+    """The training loader of one rank. `prepared`: what prepare() returned (or a preparation folder); without it,
+    the preparation data.out_dir's latest.json names."""
     cfg = as_dict(data_cfg)
     streams = stream_names(cfg)
     check_mix(cfg, streams)
+    packing, buffer = _check_packing(cfg)
     if seq_len < 1 or micro_batch_size < 1:
         raise ValueError(f"seq_len ({seq_len}) and micro_batch_size ({micro_batch_size}) must be positive")
-    root, tokenizer = _prepared(cfg)
-    cache_dir = cfg.get("cache_dir") or default_cache_dir()
-    metas = {s: _split_meta(root, s, "train", cache_dir) for s in streams}
+    source = _Source(cfg, prepared)
+    metas = {s: _split_meta(source, s, "train", cfg["cache_dir"]) for s in streams}
     used, proportions = _mix_proportions(cfg, streams, metas)
     dataset = open_dataset(
-        [split_dir(root, s, "train") for s in used],
-        cache_dir,
+        [split_dir(source.shards, s, "train") for s in used],
+        cfg["cache_dir"],
         proportions,
-        epoch_size=cfg.get("epoch_size"),
-        cache_limit=cfg.get("cache_limit"),
+        epoch_size=cfg["epoch_size"],
+        cache_limit=cfg["cache_limit"],
         seed=seed,
     )
     signature = {
@@ -364,78 +513,120 @@ def build_train_loader(
         "proportions": proportions,
         "epoch_size": dataset.epoch_size,
         "docs": [metas[s]["docs"] for s in used],
+        "packing": packing,
+        "packing_buffer": buffer if packing == "best_fit" else None,
     }
+    tokenizer = source.tokenizer
     loader = PackedTrainLoader(
-        dataset, used, seq_len, micro_batch_size, rank, world_size, seed, tokenizer.eot_id, signature
+        dataset,
+        used,
+        seq_len,
+        micro_batch_size,
+        rank,
+        world_size,
+        seed,
+        tokenizer.eot_id,
+        signature,
+        pad_id=tokenizer.pad_id,
+        packing=packing,
+        packing_buffer=buffer,
     )
+    loader.source = source
     logger.info(
-        "training data: %s; %d documents per epoch over %d rank(s)",
-        ", ".join(f"{s} {(cfg.get('mix') or {}).get(s, 'natural')}" for s in used),
+        "training data: %s (%s); %d documents per epoch over %d rank(s), packing %s",
+        ", ".join(f"{s} {(cfg['mix'] or {}).get(s, 'natural')}" for s in used),
+        source.root,
         dataset.epoch_size,
         world_size,
+        packing,
     )
     return loader
 
 
 # -- validation ----------------------------------------------------------------------------------------------------
 class PackedValLoader:
-    """A fixed, finite, re-iterable list of batches from one stream's held-out split, for one rank.
+    """A fixed, finite, re-iterable list of `Batch`es from one stream's held-out split, for one rank.
 
     Every rank yields the same number of batches (computed from the split's size), so collective evaluation never
     waits on a rank that ran out; a rank whose share of the split is too short starts over from its beginning.
+    Packed as training is (`data.packing`), with the same document boundaries, so val loss compares with train loss.
     """
 
     def __init__(
-        self, dataset, seq_len: int, micro_batch_size: int, rank: int, world_size: int, n_batches: int, eot_id: int
+        self,
+        dataset,
+        seq_len: int,
+        micro_batch_size: int,
+        rank: int,
+        world_size: int,
+        n_batches: int,
+        eot_id: int,
+        pad_id: int | None = None,
+        packing: str = "concat",
+        packing_buffer: int = 1,
     ):
         self.dataset = dataset
         self.row, self.micro_batch_size = seq_len + 1, micro_batch_size
         self.n_batches = n_batches
-        self.eot_id = eot_id
+        self.eot_id, self.pad_id = eot_id, pad_id
+        self.packing, self.packing_buffer = packing, packing_buffer
+        self.source = None  # the _Source (and its reader lock) this loader reads; set by build_val_loaders
         n_docs = dataset.num_samples
         ids = np.arange(rank, n_docs, world_size)
         self.ids = ids if len(ids) else np.roll(np.arange(n_docs), -(rank % n_docs))
+        self.packing_buffer = min(self.packing_buffer, len(self.ids))  # a buffer never holds a document twice
 
     def __len__(self) -> int:
         return self.n_batches
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        def tokens() -> Iterator[np.ndarray]:
+    def _rows(self) -> Iterator[Row]:
+        def docs() -> Iterator[np.ndarray]:
             while True:
                 for sample in self.ids:
                     yield np.concatenate([self.dataset[int(sample)][COLUMN].astype(np.int64), [self.eot_id]])
 
-        docs = tokens()
-        doc, offset = next(docs), 0
+        if self.packing == "concat":
+            yield from concat_rows(docs(), self.row)
+            return
+        source = docs()
+        while True:
+            yield from best_fit_rows([next(source) for _ in range(self.packing_buffer)], self.row, self.pad_id)
+
+    def __iter__(self) -> Iterator[Batch]:
+        rows = self._rows()
         for _ in range(self.n_batches):
-            batch = np.empty(self.micro_batch_size * self.row, np.int64)
-            filled = 0
-            while filled < batch.size:
-                take = min(batch.size - filled, len(doc) - offset)
-                batch[filled : filled + take] = doc[offset : offset + take]
-                filled, offset = filled + take, offset + take
-                if offset == len(doc):
-                    doc, offset = next(docs), 0
-            yield torch.from_numpy(batch.reshape(self.micro_batch_size, self.row))
+            yield _rows_to_batch([next(rows) for _ in range(self.micro_batch_size)])
 
 
 def build_val_loaders(
-    data_cfg, seq_len: int, micro_batch_size: int, rank: int, world_size: int, max_batches: int
+    data_cfg, seq_len: int, micro_batch_size: int, rank: int, world_size: int, max_batches: int, prepared=None
 ) -> dict[str, PackedValLoader]:
     cfg = as_dict(data_cfg)
     streams = stream_names(cfg)
-    root, tokenizer = _prepared(cfg)
-    cache_dir = cfg.get("cache_dir") or default_cache_dir()
+    packing, buffer = _check_packing(cfg)
+    source = _Source(cfg, prepared)
     loaders = {}
     for stream in streams:
-        meta = _split_meta(root, stream, "val", cache_dir)
+        meta = _split_meta(source, stream, "val", cfg["cache_dir"])
         if meta["docs"] == 0:
             logger.warning("stream %s has no held-out documents (data.val_fraction): no val/%s loss", stream, stream)
             continue
         per_batch = world_size * micro_batch_size * (seq_len + 1)
         n_batches = max(1, min(int(max_batches), (meta["tokens"] + meta["docs"]) // per_batch))
-        dataset = open_dataset([split_dir(root, stream, "val")], cache_dir, cache_limit=cfg.get("cache_limit"))
-        loaders[stream] = PackedValLoader(
-            dataset, seq_len, micro_batch_size, rank, world_size, n_batches, tokenizer.eot_id
+        dataset = open_dataset(
+            [split_dir(source.shards, stream, "val")], cfg["cache_dir"], cache_limit=cfg["cache_limit"]
         )
+        loaders[stream] = PackedValLoader(
+            dataset,
+            seq_len,
+            micro_batch_size,
+            rank,
+            world_size,
+            n_batches,
+            source.tokenizer.eot_id,
+            pad_id=source.tokenizer.pad_id,
+            packing=packing,
+            packing_buffer=buffer,
+        )
+        loaders[stream].source = source
     return loaders

@@ -5,6 +5,10 @@
 
 Text is printed as the tokens come. A byte-level tokenizer may split one Hangul syllable (three UTF-8 bytes)
 across tokens, so StreamDecoder holds back a piece until it decodes to complete characters.
+
+An empty prompt starts a new document (the model continues from end-of-text). A prompt longer than the model's
+context is cut to its last max_seq_len - 1 tokens, with a warning (all of it is still printed), so at least one
+token can follow. --max-new-tokens 0 prints the prompt unchanged.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import time
 
 import torch
 
-from ftlm.checkpoint_io import SOURCE_HELP, CheckpointError, load, resolve_device, resolve_dtype
+from ftlm.checkpoint import SOURCE_HELP, CheckpointError, load, resolve_device, resolve_dtype
 from ftlm.model import KVCache
 
 log = logging.getLogger(__name__)
@@ -148,11 +152,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     model, tokenizer = loaded.model, loaded.tokenizer
 
+    # An empty prompt starts a new document: the model continues from end-of-text, as after every training document.
     prompt_ids = tokenizer.encode(args.prompt) if args.prompt else [tokenizer.eot_id]
-    limit = model.cfg.max_seq_len - 1
+    if not prompt_ids:  # text the tokenizer turns into nothing (it normalises away): a new document too
+        prompt_ids = [tokenizer.eot_id]
+    if args.max_new_tokens == 0:
+        log.info("nothing to generate (--max-new-tokens 0): the prompt is printed as given")
+        print(args.prompt)
+        return 0
+    limit = model.cfg.max_seq_len - 1  # room for at least one new token
     if len(prompt_ids) > limit:
         log.warning(
-            "the prompt has %d tokens; keeping its last %d (model.max_seq_len=%d)",
+            "the prompt has %d tokens; the model sees its last %d (model.max_seq_len=%d); all of it is printed",
             len(prompt_ids),
             limit,
             model.cfg.max_seq_len,

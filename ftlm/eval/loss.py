@@ -8,7 +8,22 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100  # a target that is context only
+from ftlm.data.batch import IGNORE_INDEX, Batch  # IGNORE_INDEX: a target that is context only (or padding)
+
+
+def uses_doc_mask(model) -> bool:
+    """Whether the model (or the GPT inside a DeepSpeed engine) attends within documents only (model.doc_mask)."""
+    cfg = getattr(getattr(model, "module", model), "cfg", None)
+    return bool(getattr(cfg, "doc_mask", False))
+
+
+def forward_logits(model, batch: Batch, doc_mask: bool) -> torch.Tensor:
+    """(B, S, V) logits for a batch, with the document boundaries when the model masks at them, as in training."""
+    if doc_mask:
+        logits, _ = model(batch.inputs, positions=batch.positions, cu_seqlens=batch.cu_seqlens)
+    else:
+        logits, _ = model(batch.inputs)
+    return logits
 
 
 @torch.no_grad()
@@ -17,22 +32,29 @@ def evaluate(model, loaders: dict, device: torch.device, token_bytes: torch.Tens
 
     Bits per byte divides the summed loss by the bytes the target tokens stand for, so models with
     different tokenizers compare on the same text. token_bytes[i] is the byte length of token i.
-    A loader yields LongTensors (B, T+1) (inputs are [:, :-1], targets [:, 1:]) or pairs (inputs, targets)
-    of (B, T); targets equal to -100 are context only and count neither loss, tokens nor bytes.
+    A loader yields `ftlm.data.batch.Batch`es (what the trainer's val loaders and ftlm-eval's windows give; a model
+    with model.doc_mask gets their positions and cu_seqlens, so it sees documents as in training), or, from older
+    code, LongTensors (B, T+1) (inputs [:, :-1], targets [:, 1:]) or pairs (inputs, targets) of (B, T), each row one
+    document. Targets equal to -100 are context only and count neither loss, tokens nor bytes.
     """
     was_training = model.training
     model.eval()
+    doc_mask = uses_doc_mask(model)
     token_bytes = token_bytes.to(device)
     out = {}
     for name, loader in loaders.items():
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
         for batch in loader:
-            if isinstance(batch, (tuple, list)):
-                x, y = (t.to(device) for t in batch)
-            else:
+            if isinstance(batch, Batch):
                 batch = batch.to(device)
-                x, y = batch[:, :-1], batch[:, 1:]
-            logits, _ = model(x)
+                logits, y = forward_logits(model, batch, doc_mask), batch.targets
+            else:  # a plain tensor or pair: the model sees each row whole
+                if isinstance(batch, (tuple, list)):
+                    x, y = (t.to(device) for t in batch)
+                else:
+                    rows = batch.to(device)
+                    x, y = rows[:, :-1], rows[:, 1:]
+                logits, _ = model(x)
             nll = F.cross_entropy(
                 logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
             )

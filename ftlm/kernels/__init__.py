@@ -17,13 +17,15 @@ def _triton_unavailable(op, error):
     )
 
 
-def flash_attention(q, k, v, causal=True, softmax_scale=None):
-    """Softmax attention; q: (B, Hq, T, D), k and v: (B, Hkv, S, D) with Hkv dividing Hq. See attention.py."""
+def flash_attention(q, k, v, causal=True, softmax_scale=None, cu_seqlens=None):
+    """Softmax attention; q: (B, Hq, T, D), k and v: (B, Hkv, S, D) with Hkv dividing Hq. cu_seqlens: int32
+    document starts over the flattened B*S tokens (flash-attn varlen convention) for document masking; T == S.
+    See attention.py."""
     try:
         from ftlm.kernels.attention import flash_attention as impl
     except ImportError as e:
         raise _triton_unavailable("flash_attention", e) from e
-    return impl(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    return impl(q, k, v, causal=causal, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens)
 
 
 def layer_norm(x, weight, bias, eps=1e-5):

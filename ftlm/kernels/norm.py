@@ -6,18 +6,22 @@ walks a contiguous run of rows, writing dx and accumulating its share of dweight
 the per-program partial sums are then added by one small torch reduction. No atomics, deterministic.
 
 Any hidden size works: the row is padded to the next power of two and masked. Arithmetic is float32
-whatever the input dtype. Kernels are wrapped with triton.jit at first launch (see attention.py).
+whatever the input dtype. On a CPU tensor the kernels run only under Triton's interpreter, chosen when this
+module is imported (TRITON_INTERPRET=1 before triton is first imported; see attention.py).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from ftlm.kernels.attention import check_device
+from ftlm.kernels._utils import check_device
 
 MAX_HIDDEN = 65536  # one row must fit in one program's registers
+# The mode the @triton.jit definitions below are built in (triton reads TRITON_INTERPRET at definition time).
+INTERPRETED = bool(triton.knobs.runtime.interpret)
 
 
+@triton.jit
 def _norm_fwd(
     X,
     Y,
@@ -51,6 +55,7 @@ def _norm_fwd(
     tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
+@triton.jit
 def _norm_bwd(
     DY,
     X,
@@ -103,17 +108,6 @@ def _norm_bwd(
         tl.store(DB_PARTIAL + pid.to(tl.int64) * N + cols, db_acc, mask=mask)
 
 
-_kernel_cache = {}
-
-
-def _kernel(fn):
-    interpret = triton.knobs.runtime.interpret
-    key = (fn.__name__, interpret)
-    if key not in _kernel_cache:
-        _kernel_cache[key] = triton.jit(fn)
-    return _kernel_cache[key]
-
-
 def _num_warps(block_n):
     return 4 if block_n <= 1024 else 8 if block_n <= 4096 else 16
 
@@ -142,7 +136,7 @@ class NormFunction(torch.autograd.Function):
         mean = rstd if is_rms else torch.empty(m, device=x.device, dtype=torch.float32)
         has_bias = bias is not None
         if m > 0:
-            _kernel(_norm_fwd)[(m,)](
+            _norm_fwd[(m,)](
                 x2,
                 y,
                 weight,
@@ -174,7 +168,7 @@ class NormFunction(torch.autograd.Function):
         db_partial = torch.zeros((programs, n), device=x2.device, dtype=torch.float32) if has_bias else dw_partial
         if m > 0:
             block_n = triton.next_power_of_2(n)
-            _kernel(_norm_bwd)[(programs,)](
+            _norm_bwd[(programs,)](
                 dy2,
                 x2,
                 weight,
@@ -215,7 +209,7 @@ def _check(x, weight, bias, name):
     for t in (weight, bias):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name}: x is on {x.device} but a parameter is on {t.device}")
-    check_device(x)
+    check_device(x, INTERPRETED)
 
 
 def layer_norm(x, weight, bias, eps=1e-5):

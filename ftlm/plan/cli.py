@@ -31,25 +31,30 @@ class PlanError(ValueError):
 
 
 def load_model_config(name: str, overrides: list[str], vocab: int | None):
-    """conf/model/<name>.yaml with `model.key=value` overrides applied, as a GPTConfig."""
+    """conf/model/<name>.yaml (composed over conf/model/base.yaml) with `model.key=value` overrides, as a GPTConfig."""
+    from dataclasses import fields
+
     from omegaconf import OmegaConf
 
-    from ftlm.config import CONF_DIR
+    from ftlm.config import CONF_DIR, compose
+    from ftlm.config import ConfigError as ComposeError
     from ftlm.model.gpt import ConfigError, GPTConfig
 
     path = CONF_DIR / "model" / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+    if not path.is_file() or name == "base":
+        known = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml") if p.stem != "base")
         raise PlanError(f"no model preset '{name}' in {CONF_DIR / 'model'}; known: {', '.join(known)}")
-    cfg = OmegaConf.load(path)
+    keys = [f.name for f in fields(GPTConfig)]
     for item in overrides:
-        key, sep, value = item.partition("=")
+        key, sep, _ = item.partition("=")
         if not sep or not key.startswith("model."):
             raise PlanError(f"'{item}': ftlm-plan reads only model.<key>=<value> overrides (and --flags)")
-        field = key[len("model.") :]
-        if field not in cfg:
-            raise PlanError(f"'{item}': unknown key {key}; keys of conf/model/{name}.yaml: {', '.join(cfg)}")
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{field}={value}"]))
+        if key[len("model.") :] not in keys:
+            raise PlanError(f"'{item}': unknown key {key}; keys of conf/model/{name}.yaml: {', '.join(keys)}")
+    try:  # only the model group: the plan needs no data, trainer or deepspeed settings
+        cfg = compose([f"+model={name}", *overrides], config_name=None).model
+    except ComposeError as e:
+        raise PlanError(f"conf/model/{name}.yaml with overrides: {e}") from None
     data = OmegaConf.to_container(cfg, resolve=True)
     if vocab is not None:
         data["vocab_size"] = vocab

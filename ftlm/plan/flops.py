@@ -14,7 +14,9 @@ without its activation-recomputation pass):
   per layer forward, times 3 for forward + backward. It uses n_head * head_dim = d_model whether or not the
   keys and values are grouped (GQA shares K and V, not the work).
 * Causal masking does NOT halve the attention term, as in PaLM, so MFU figures compare with published ones;
-  a causal flash-attention kernel skips about half of that work, which this count does not credit.
+  a causal flash-attention kernel skips about half of that work, which this count does not credit. Nor does
+  it credit document masking (`model.doc_mask` with packed sequences), which skips more.
+* `parallel_residual`, `rotary_pct` and `gelu_approx` change no matmul: the count is the same for each.
 * Activation recomputation is not counted: MFU measures the model's FLOPs, not the hardware's (that would be HFU).
 """
 

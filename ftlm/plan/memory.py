@@ -25,6 +25,8 @@ full activations while it is recomputed in the backward pass. The head adds 4 * 
 head inputs) and 4 * s * b * vocab, the paper's figure for fp32 logits (section 4.3); with ftlm's fused
 cross-entropy the same 4 bytes are the bf16 logits it keeps plus their bf16 gradient, which exists at the start
 of the backward pass while every saved activation is still held.
+With `model.doc_mask` and an implementation that is not a fused kernel (eager; sdpa's fallback), one
+(b, 1, s, s) boolean mask, s * s * b bytes, is shared by every layer; fused kernels take the document starts only.
 The formula assumes plain multi-head attention and a 4h GELU MLP; for grouped-query attention it overcounts
 keys and values slightly, and without dropout it overcounts the masks: an upper bound, which is what a plan wants.
 """
@@ -102,6 +104,8 @@ def activation_bytes(
     s, b, h = seq_len, micro_batch, cfg.d_model
     layer = activation_bytes_per_layer(cfg, s, b, flash)
     head = 4 * s * b * h + 4 * s * b * cfg.vocab_size
+    if cfg.doc_mask and not flash:
+        head += s * s * b  # the block-diagonal causal mask of packed documents, one byte per entry
     if checkpointing:
         return cfg.n_layer * 2 * s * b * h + layer + head
     return cfg.n_layer * layer + head

@@ -1,81 +1,72 @@
-"""Checkpoints that are either complete or ignored, and resumption from them (also on another number of ranks).
+"""The trainer's checkpointer: saving and loading the DeepSpeed engine, resuming on another number of ranks, pruning.
 
-Layout under `<run dir>/checkpoints/`:
-    step_00000500/          DeepSpeed's model and optimizer shards (every rank writes its own),
-                            rank<r>_state.pt (RNG states, data loader position), trainer_state.json,
-                            manifest.json (every file and its size; written last, so its presence means complete)
-        universal/          made on demand when resuming on another number of ranks: the same state in
-                            DeepSpeed's universal format (one folder per parameter), with its own manifest.json
-    latest                  the newest complete tag (DeepSpeed's own tools read it too)
+The format itself (tags, manifest with checksums, trainer state, safe loading) is `ftlm.checkpoint`, which the
+readers (ftlm-generate, ftlm-eval, ftlm-export) share.
 
 A save goes to `step_X.tmp/` and is renamed once every rank has finished writing, so a job killed mid-save
-leaves the previous checkpoint untouched; the next save deletes such leftovers. A checkpoint whose manifest is
-missing, or whose files are missing or have another size (a truncated copy), is skipped with a warning naming it.
+leaves the previous checkpoint untouched; the next save deletes such leftovers. A save that finds the disk too
+full fails before writing anything, and one that fills it midway removes its partial folder and says so.
 
-Nothing here unpickles arbitrary objects: our own files are loaded with `weights_only=True`, and DeepSpeed's
-(which calls `torch.load(..., weights_only=False)` itself) are read inside `weights_only_loading()`, which forces
-torch's restricted unpickler and allows only the few DeepSpeed classes its optimizer files contain.
+No checkpoint is ever deleted implicitly: starting over (trainer.resume=never) in a run directory with
+checkpoints, or going back to an older step, moves the checkpoints concerned aside into
+`<run>/set_aside/<time>-<reason>/` (a name never reused), with the run's tokenizer and config beside them so
+that folder is itself a run directory ftlm-generate and ftlm-export read. Only trainer.keep_last deletes.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import io
 import json
 import logging
 import os
-import pickle
 import random
-import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from ftlm.checkpoint import format as fmt
+from ftlm.checkpoint.atomic import free_bytes, is_disk_full, tree_size, write_atomic
+from ftlm.checkpoint.format import (
+    LATEST,
+    MANIFEST,
+    TAG_RE,
+    TRAINER_STATE,
+    UNIVERSAL,
+    TrainerState,
+    arch_values,
+    find_latest,
+    list_checkpoints,
+    safe_load,
+    tag_for,
+    validate,
+    weights_only_loading,
+)
+
 log = logging.getLogger(__name__)
 
-TAG_RE = re.compile(r"^step_(\d{8})$")
-MANIFEST = "manifest.json"
-UNIVERSAL = "universal"  # sub-folder of a checkpoint holding its universal-format copy
+SET_ASIDE = "set_aside"  # <run>/set_aside/<time>-<reason>/: checkpoints moved out of the way, never deleted
+GB = 1e9
+PRUNING = ".pruned.tmp"  # suffix of a checkpoint being deleted by trainer.keep_last
 
 
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_tree(folder: Path) -> None:
-    """Flush every file (and the folder entries) to disk, so a manifest never describes data still in page cache."""
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+class CheckpointSaveError(RuntimeError):
+    """A save that could not be completed; the previous checkpoint is untouched and the message says why."""
 
 
 def _write_manifest(folder: Path, **extra) -> None:
-    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
-    _fsync_tree(folder)
-    _write_atomic(folder / MANIFEST, json.dumps({**extra, "files": files}, indent=1))
+    fmt.write_manifest(folder, **extra)
+
+
+def _dist() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _barrier():
@@ -83,43 +74,14 @@ def _barrier():
         dist.barrier()
 
 
-def tokenizer_fingerprint(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-# -- safe loading --------------------------------------------------------------------------------------------------
-def _deepspeed_safe_globals() -> list:
-    """The non-tensor classes DeepSpeed pickles into its checkpoints (plain state holders, no custom unpickling)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address  # ZeRO-1/2 partition offsets (a dataclass)
-
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
-
-
-@contextlib.contextmanager
-def weights_only_loading():
-    """Every torch.load inside (DeepSpeed's included, which pass weights_only=False) uses the restricted unpickler.
-
-    TORCH_FORCE_WEIGHTS_ONLY_LOAD is torch's own switch for this; it is read at each torch.load call.
-    """
-    old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    try:
-        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-            yield
-    except Exception as e:  # the message of a refused global is long; say what happened first
-        if isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in str(e):
-            raise RuntimeError(
-                f"refusing to load a checkpoint file that holds Python objects beyond tensors and "
-                f"DeepSpeed's known state classes (loaded with weights_only=True):\n{e}"
-            ) from e
-        raise
-    finally:
-        if old is None:
-            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
+def _gather(obj) -> list:
+    """obj from every rank (a list of one without a process group)."""
+    rank, world = _dist()
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
 
 
 # -- RNG -----------------------------------------------------------------------------------------------------------
@@ -159,54 +121,28 @@ def set_rng_state(state: dict) -> None:
 
 
 # -- finding a checkpoint ------------------------------------------------------------------------------------------
-def validate(ckpt: Path) -> str | None:
-    """None when `ckpt` is complete; otherwise what is wrong with it, in words."""
-    manifest = ckpt / MANIFEST
-    if not manifest.is_file():
-        return "no manifest.json (the save did not finish)"
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError, TypeError) as e:
-        return f"unreadable manifest.json ({e})"
-    for rel, size in files.items():
-        f = ckpt / rel
-        if not f.is_file():
-            return f"missing file {rel}"
-        if f.stat().st_size != size:
-            return f"file {rel} has {f.stat().st_size} bytes, expected {size} (truncated?)"
-    return None
-
-
-def list_checkpoints(root: Path) -> list[Path]:
-    """Checkpoint directories under root, newest first (complete or not: see validate).
-
-    Only `step_XXXXXXXX` folders count: unfinished saves (`.tmp`) never do.
-    """
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name)]
-    return sorted(found, key=lambda p: p.name, reverse=True)
-
-
-def find_latest(root: Path) -> Path | None:
-    """The newest complete checkpoint under root, warning about each broken one passed over."""
-    candidates = list_checkpoints(root)
-    for ckpt in candidates:
-        problem = validate(ckpt)
-        if problem is None:
-            return ckpt
-        log.warning("skipping checkpoint %s: %s", ckpt, problem)
-    if candidates:
-        log.warning("none of the %d checkpoints in %s is complete: training starts from step 0", len(candidates), root)
-    return None
+def check_shared(ckpt: Path) -> str | None:
+    """validate() with checksums, the hashing shared out between the ranks (each reads the files it wrote);
+    every rank gets the same answer. Without a process group, one process checks everything."""
+    rank, world = _dist()
+    problem = validate(ckpt, checksums=True, rank=rank, world_size=world)
+    problems = [p for p in _gather(problem) if p is not None]
+    return problems[0] if problems else None
 
 
 def resolve_resume(resume, root: Path) -> Path | None:
-    """trainer.resume: 'auto' (newest complete in the run, or none), 'never', or a checkpoint path."""
+    """trainer.resume: 'auto' (newest intact in the run, or none), 'never', or a checkpoint path.
+
+    Every rank calls this (the checksum work is shared). With 'auto', a corrupted newest checkpoint is skipped
+    with a warning naming its bad file and the next intact one is taken.
+    """
     if resume in (None, "never", "none", False):
         return None
     if resume == "auto":
-        return find_latest(root)
+        found = find_latest(root, check=check_shared)
+        if found is None and list_checkpoints(root):
+            log.warning("training starts from step 0: no checkpoint in %s is intact", root)
+        return found
     path = Path(str(resume)).expanduser()
     if not path.exists():
         raise FileNotFoundError(
@@ -216,61 +152,38 @@ def resolve_resume(resume, root: Path) -> Path | None:
     if path.is_dir() and not (path / MANIFEST).exists() and (path / "checkpoints").is_dir():
         path = path / "checkpoints"  # a run directory
     if path.is_dir() and not (path / MANIFEST).exists() and list_checkpoints(path):
-        found = find_latest(path)  # a run's checkpoints/ folder: take its newest complete one
+        found = find_latest(path, check=check_shared)  # a run's checkpoints/ folder: take its newest intact one
         if found is None:
             raise FileNotFoundError(f"trainer.resume: no complete checkpoint under {path}")
         return found
-    problem = validate(path)
+    problem = check_shared(path)
     if problem:
         raise ValueError(f"trainer.resume: checkpoint {path} is not usable: {problem}")
     return path
-
-
-# Keys that change the shape or meaning of the weights; the others (kernels, dropout) may differ on resume.
-WEIGHT_KEYS = (
-    "vocab_size",
-    "n_layer",
-    "n_head",
-    "n_kv_heads",
-    "d_model",
-    "d_ff",
-    "norm",
-    "mlp",
-    "tie_embeddings",
-    "bias",
-    "rope_theta",
-)
 
 
 def check_compatible(
     ckpt: Path, model_cfg, tokenizer_vocab: int | None = None, tokenizer_sha256: str | None = None
 ) -> None:
     """Refuse a checkpoint written for another model or tokenizer before any weights are touched, naming the keys."""
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    saved = state.get("model_config")
-    if saved is not None:
-        wanted = model_cfg.__dict__
-        diff = [
-            f"model.{k}: checkpoint {saved.get(k)!r}, config {wanted.get(k)!r}"
-            for k in WEIGHT_KEYS
-            if saved.get(k) != wanted.get(k)
-        ]
-        if diff:
-            raise ValueError(f"checkpoint {ckpt} was made by another model config: " + "; ".join(diff))
-    saved_vocab = state.get("tokenizer_vocab")
+    state = TrainerState.from_file(ckpt)
+    saved, wanted = arch_values(state.model_config), arch_values(model_cfg)
+    diff = [f"model.{k}: checkpoint {saved[k]!r}, config {wanted[k]!r}" for k in saved if saved[k] != wanted[k]]
+    if diff:
+        raise ValueError(f"checkpoint {ckpt} was made by another model config: " + "; ".join(diff))
+    saved_vocab = state.tokenizer_vocab
     if tokenizer_vocab is not None and saved_vocab is not None and saved_vocab != tokenizer_vocab:
         raise ValueError(
             f"checkpoint {ckpt} was trained with a tokenizer of {saved_vocab} tokens, but this run's "
             f"tokenizer (data.tokenizer / the prepared data) has {tokenizer_vocab}: token ids would "
             "mean different text; resume with the data the checkpoint was trained on"
         )
-    if tokenizer_vocab is not None and saved is not None and tokenizer_vocab > int(saved["vocab_size"]):
+    if tokenizer_vocab is not None and tokenizer_vocab > int(saved["vocab_size"]):
         raise ValueError(
             f"checkpoint {ckpt} has model.vocab_size={saved['vocab_size']}, smaller than this run's "
             f"tokenizer ({tokenizer_vocab} tokens)"
         )
-    saved_sha = state.get("tokenizer_sha256")
-    if tokenizer_sha256 is not None and saved_sha is not None and saved_sha != tokenizer_sha256:
+    if tokenizer_sha256 is not None and state.tokenizer_sha256 not in (None, tokenizer_sha256):
         log.warning(
             "this run's tokenizer.json differs from the one checkpoint %s was trained with (same vocabulary "
             "size); continuing, but token ids may now mean different text",
@@ -280,7 +193,7 @@ def check_compatible(
 
 # -- resuming on another number of ranks ---------------------------------------------------------------------------
 def saved_world_size(ckpt: Path) -> int:
-    return int(json.loads((ckpt / "trainer_state.json").read_text())["world_size"])
+    return TrainerState.from_file(ckpt).world_size
 
 
 def convert_to_universal(ckpt: Path, out: Path) -> None:
@@ -311,12 +224,13 @@ def universal_copy(ckpt: Path, rank: int) -> Path:
         tmp = ckpt / (UNIVERSAL + ".tmp")
         try:
             shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)  # an incomplete conversion (validate failed), not a checkpoint
             log.info("converting %s to DeepSpeed's universal checkpoint format (once; kept in %s)", ckpt, out)
             convert_to_universal(ckpt, tmp)
             _write_manifest(tmp)
             os.replace(tmp, out)
         except Exception as e:  # raised after the barrier, so the other ranks do not wait forever
+            shutil.rmtree(tmp, ignore_errors=True)
             error = e
     _barrier()
     if error is not None:
@@ -347,10 +261,64 @@ def adapt_ds_config(ckpt: Path, ds_config: dict, world_size: int, rank: int) -> 
     return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
 
 
-# -- save ----------------------------------------------------------------------------------------------------------
-def _seal(tmp: Path, step: int) -> None:
-    """Mark a fully written save as complete: the manifest is the last file of a checkpoint."""
-    _write_manifest(tmp, step=step)
+# -- never deleting: setting checkpoints aside ---------------------------------------------------------------------
+def set_aside(root: Path, ckpts: list[Path], reason: str) -> Path | None:
+    """Move `ckpts` (folders under `root`) into a new `<run>/set_aside/<UTC time>-<reason>/checkpoints/`.
+
+    The folder name is never reused (a clash gets a counter), nothing is deleted, and the run's tokenizer.json
+    and config.yaml are copied beside them, so the folder is a run directory of its own. Returns it (None when
+    there was nothing to move). Rank 0 only, while no save runs.
+    """
+    ckpts = [c for c in ckpts if c.exists()]
+    if not ckpts:
+        return None
+    run_dir = Path(root).parent
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    base = run_dir / SET_ASIDE
+    base.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        dest = base / (f"{stamp}-{reason}" if n == 1 else f"{stamp}-{reason}-{n}")
+        try:
+            dest.mkdir()  # fails if it exists: never two sets in one folder
+            break
+        except FileExistsError:
+            continue
+    else:  # pragma: no cover
+        raise RuntimeError(f"cannot find a free name under {base}")
+    (dest / "checkpoints").mkdir()
+    for name in ("tokenizer.json", "config.yaml"):
+        if (run_dir / name).is_file():
+            shutil.copy2(run_dir / name, dest / name)
+    for ckpt in ckpts:
+        os.replace(ckpt, dest / "checkpoints" / ckpt.name)
+    return dest
+
+
+def start_fresh(run_dir: Path) -> Path | None:
+    """trainer.resume=never in a run directory that has checkpoints: move them (and `latest`) aside, never delete.
+
+    Call on rank 0 before the run's config.yaml and tokenizer.json are rewritten (so the set-aside folder keeps
+    the ones its checkpoints were trained with), then barrier. Returns the folder they went to (None: none there).
+    """
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    ckpts = [p for p in root.iterdir() if p.is_dir() and (TAG_RE.match(p.name) or p.name.startswith("superseded_"))]
+    if not ckpts:
+        return None
+    dest = set_aside(root, ckpts, "resume-never")
+    if (root / LATEST).exists():
+        os.replace(root / LATEST, dest / "checkpoints" / LATEST)
+    log.warning(
+        "trainer.resume=never: this run directory already had %d checkpoint(s) (%s); moved them to %s "
+        "(a run directory of its own: ftlm-generate/ftlm-export read it, trainer.resume=%s continues it; "
+        "delete it when no longer needed)",
+        len(ckpts),
+        ", ".join(sorted(c.name for c in ckpts)),
+        dest,
+        dest,
+    )
+    return dest
 
 
 def remove_unfinished(root: Path) -> None:
@@ -359,61 +327,32 @@ def remove_unfinished(root: Path) -> None:
         return
     for p in root.iterdir():
         if p.name.endswith(".tmp") and p.name.startswith("step_") and p.is_dir():
+            if p.name.endswith(PRUNING):  # a deletion trainer.keep_last asked for, interrupted
+                shutil.rmtree(p, ignore_errors=True)
+                continue
             log.warning("deleting %s, left by a save that did not finish", p)
             shutil.rmtree(p, ignore_errors=True)
+        elif p.name.startswith(f".{LATEST}.tmp") and p.is_file():  # an interrupted write of `latest`
+            p.unlink(missing_ok=True)
 
 
-def retire_newer(root: Path, step: int) -> None:
-    """Move checkpoints of steps after `step` out of the way (to `superseded_step_X`), keeping them for inspection.
+def retire_newer(root: Path, step: int) -> Path | None:
+    """Move checkpoints of steps after `step` aside (see set_aside), keeping them for inspection.
 
     A run saving step s after checkpoints of later steps was resumed from an older one (rolled back, say past a
     loss spike); left in place, those later checkpoints would be what trainer.resume=auto picks after a crash.
     """
-    for ckpt in list_checkpoints(root):
-        if int(TAG_RE.match(ckpt.name).group(1)) > step:
-            dest = root / f"superseded_{ckpt.name}"
-            shutil.rmtree(dest, ignore_errors=True)
-            os.replace(ckpt, dest)
-            log.warning(
-                "moved checkpoint %s to %s: this run went back to an earlier step and continues from "
-                "there (delete it when no longer needed)",
-                ckpt,
-                dest.name,
-            )
-
-
-def save(engine, root: Path, step: int, trainer_state: dict, loader_state: dict, keep_last: int, rank: int) -> Path:
-    """Write a checkpoint for `step` from every rank; returns its final path.
-
-    `loader_state` must come from every rank at the same point (the loader's state_dict is a collective).
-    """
-    tag = tag_for(step)
-    tmp_tag = tag + ".tmp"
-    final, tmp = root / tag, root / tmp_tag
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        remove_unfinished(root)
-    _barrier()
-    engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
-    torch.save({"rng": rng_state(), "loader": json.dumps(loader_state)}, tmp / f"rank{rank}_state.pt")
-    if rank == 0:
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-    _barrier()
-    if rank == 0:
-        _seal(tmp, step)
-        if final.exists():  # the same step saved again (after the newer copy was found broken)
-            old = root / (tag + ".replaced.tmp")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _write_atomic(root / "latest", tag)
-        retire_newer(root, step)
-        prune(root, keep_last)
-        log.info("saved checkpoint %s", final)
-    _barrier()
-    return final
+    newer = [c for c in list_checkpoints(root) if int(TAG_RE.match(c.name).group(1)) > step]
+    dest = set_aside(root, newer, f"after-{tag_for(step)}")
+    if dest is not None:
+        log.warning(
+            "moved checkpoint(s) %s to %s: this run went back to step %d and continues from there "
+            "(delete them when no longer needed)",
+            ", ".join(c.name for c in newer),
+            dest,
+            step,
+        )
+    return dest
 
 
 def prune(root: Path, keep_last: int) -> None:
@@ -422,8 +361,133 @@ def prune(root: Path, keep_last: int) -> None:
         return
     complete = [c for c in list_checkpoints(root) if validate(c) is None]
     for old in complete[keep_last:]:
-        shutil.rmtree(old, ignore_errors=True)  # its universal/ copy, if any, goes with it
+        # Renamed first, so that a kill in the middle of the deletion leaves no half-deleted step_ folder.
+        doomed = root / (old.name + PRUNING)
+        shutil.rmtree(doomed, ignore_errors=True)  # an earlier deletion of the same name, interrupted
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)  # its universal/ copy, if any, goes with it
         log.info("deleted old checkpoint %s (trainer.keep_last=%d)", old, keep_last)
+
+
+# -- save ----------------------------------------------------------------------------------------------------------
+def _seal(tmp: Path, step: int, checksums: dict[str, str] | None = None) -> None:
+    """Mark a fully written save as complete: the manifest is the last file of a checkpoint."""
+    fmt.write_manifest(tmp, checksums=checksums, step=step)
+
+
+def expected_size(root: Path, engine=None) -> int:
+    """Bytes the next save will take, about: the newest complete checkpoint's size (without its universal copy),
+    or, before the first save, 16 bytes per parameter (fp32 weights and two Adam moments, plus 16-bit weights)."""
+    for ckpt in list_checkpoints(root):
+        if validate(ckpt) is None:
+            return tree_size(ckpt) - tree_size(ckpt / UNIVERSAL)
+    if engine is None:
+        return 0
+    module = getattr(engine, "module", engine)
+    n = sum(int(getattr(p, "ds_numel", 0) or p.numel()) for p in module.parameters())
+    return 16 * n
+
+
+def _gb(n: int) -> str:
+    return f"{n / GB:.1f} GB" if n >= GB / 10 else f"{n / 1e6:.1f} MB"
+
+
+def _disk_full_message(step: int, final: Path, need: int) -> str:
+    return (
+        f"no space left on device while saving step {step} to {final} (needs about {_gb(need)}; "
+        f"{_gb(free_bytes(final.parent))} free now). The previous checkpoint is untouched and the partial save "
+        "was removed: free some space (fewer checkpoints with trainer.keep_last, or another trainer.out_dir) and "
+        "continue with trainer.resume=auto"
+    )
+
+
+def _check_free_space(root: Path, step: int, need: int) -> str | None:
+    free = free_bytes(root)
+    if need and free < need * 1.05:
+        return (
+            f"not enough free space to save step {step} to {root / tag_for(step)}: needs about {_gb(need)}, "
+            f"{_gb(free)} free on that file system; nothing was written and the previous checkpoint is "
+            "untouched: free some space (fewer checkpoints with trainer.keep_last, or another trainer.out_dir) "
+            "and continue with trainer.resume=auto"
+        )
+    return None
+
+
+def save(
+    engine, root: Path, step: int, trainer_state: TrainerState | dict, loader_state: dict, keep_last: int, rank: int
+) -> Path:
+    """Write a checkpoint for `step` from every rank; returns its final path.
+
+    `loader_state` must come from every rank at the same point (the loader's state_dict is a collective).
+    Raises CheckpointSaveError (on every rank) when the disk is too full, before writing or midway.
+    """
+    if isinstance(trainer_state, dict):
+        trainer_state = TrainerState.from_dict(trainer_state)
+    tag = tag_for(step)
+    tmp_tag = tag + ".tmp"
+    final, tmp = root / tag, root / tmp_tag
+    problem = None
+    need = 0
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        remove_unfinished(root)
+        need = expected_size(root, engine)
+        problem = _check_free_space(root, step, need)
+    problem, need = _gather((problem, need))[0]  # rank 0's verdict, on every rank
+    if problem:
+        raise CheckpointSaveError(problem)
+
+    error, sums = None, {}
+    try:
+        engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
+        torch.save({"rng": rng_state(), "loader": json.dumps(loader_state)}, tmp / f"rank{rank}_state.pt")
+        if rank == 0:
+            trainer_state.write(tmp / TRAINER_STATE)
+    except Exception as e:  # no collective in here: every rank reaches the gather below, so none waits forever
+        error = e
+    failures = [f for f in _gather(None if error is None else (is_disk_full(error), repr(error))) if f is not None]
+    if not failures:  # every file is written: each rank hashes those it wrote (still in its page cache)
+        try:
+            sums = fmt.checksum_files(tmp, rank, _dist()[1])
+        except Exception as e:
+            error = e
+        results = _gather((None if error is None else (is_disk_full(error), repr(error)), sums))
+        failures = [r[0] for r in results if r[0] is not None]
+    if failures:
+        full = any(f[0] for f in failures) or free_bytes(root) < 64 << 20
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier()
+        if full:
+            raise CheckpointSaveError(_disk_full_message(step, final, need)) from error
+        raise CheckpointSaveError(
+            f"saving step {step} to {final} failed: {failures[0][1]}; the previous checkpoint is untouched"
+        ) from error
+
+    if rank == 0:
+        try:
+            checksums = {k: v for _, part in results for k, v in part.items()}
+            _seal(tmp, step, checksums)
+            if final.exists():  # the same step saved again: keep the older copy, aside
+                dest = set_aside(root, [final], f"replaced-{tag}")
+                log.warning("moved the earlier checkpoint %s to %s before saving the same step again", final, dest)
+            os.replace(tmp, final)
+            write_atomic(root / LATEST, tag)
+        except Exception as e:
+            error = e
+            if not final.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    failed = _gather(None if error is None else (is_disk_full(error), repr(error)))[0]  # rank 0's outcome
+    if failed:
+        if failed[0]:
+            raise CheckpointSaveError(_disk_full_message(step, final, need)) from error
+        raise CheckpointSaveError(f"sealing checkpoint {final} failed: {failed[1]}") from error
+    if rank == 0:
+        retire_newer(root, step)
+        prune(root, keep_last)
+        log.info("saved checkpoint %s", final)
+    _barrier()
+    return final
 
 
 # -- load ----------------------------------------------------------------------------------------------------------
@@ -450,13 +514,13 @@ def _keep_current_hyperparameters(optimizer, scheduler, fresh: list[dict]) -> No
     scheduler._last_lr = lrs
 
 
-def load(engine, ckpt: Path, rank: int, world_size: int) -> tuple[dict, dict | None]:
+def load(engine, ckpt: Path, rank: int, world_size: int) -> tuple[TrainerState, dict | None]:
     """Restore model, optimizer, scheduler and this rank's RNG; returns (trainer_state, loader_state).
 
     With another world size, `adapt_ds_config` must have prepared the engine for the universal copy.
     """
-    trainer_state = json.loads((ckpt / "trainer_state.json").read_text())
-    saved_world = int(trainer_state.get("world_size", world_size))
+    trainer_state = TrainerState.from_file(ckpt)
+    saved_world = trainer_state.world_size
     elastic = saved_world != world_size
     if elastic and not engine.load_universal_checkpoint():
         raise RuntimeError(
@@ -476,7 +540,7 @@ def load(engine, ckpt: Path, rank: int, world_size: int) -> tuple[dict, dict | N
 
     # Every rank saved the same (gathered) loader state; the RNG streams are per rank.
     own_file = ckpt / f"rank{rank}_state.pt"
-    own = torch.load(own_file if own_file.is_file() else ckpt / "rank0_state.pt", weights_only=True)
+    own = safe_load(own_file if own_file.is_file() else ckpt / "rank0_state.pt")
     if own_file.is_file():
         set_rng_state(own["rng"])
     else:

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ftlm.checkpoint import resolve_device
+from ftlm.train.config import DeepSpeedConfig, TrainerConfig, typed
+
 log = logging.getLogger(__name__)
 
 
@@ -32,16 +35,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("trainer.device=cuda but no CUDA GPU is visible; use trainer.device=auto or cpu")
-    if name not in ("cuda", "cpu"):
-        raise ValueError(f"trainer.device: '{name}' is not one of auto, cuda, cpu")
-    return torch.device(name)
-
-
 def init_distributed(device_name: str) -> Dist:
     """Join the process group the launcher set up, or make a group of one when run without a launcher."""
     import deepspeed
@@ -53,7 +46,7 @@ def init_distributed(device_name: str) -> Dist:
     # The deepspeed launcher says LOCAL_SIZE; torchrun, and mosaicml-streaming's rank logic, read LOCAL_WORLD_SIZE.
     if "LOCAL_WORLD_SIZE" not in os.environ and "LOCAL_SIZE" in os.environ:
         os.environ["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_SIZE"]
-    device = resolve_device(device_name)
+    device = resolve_device(device_name, option="trainer.device")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
@@ -92,34 +85,34 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def build_ds_config(trainer_cfg, ds_cfg, world_size: int, precision: str) -> dict:
-    """The DeepSpeed JSON config, generated from conf/trainer and conf/deepspeed."""
-    stage = int(ds_cfg.stage)
+    """The DeepSpeed JSON config, generated from conf/trainer and conf/deepspeed (TrainerConfig, DeepSpeedConfig)."""
+    t, ds = typed(trainer_cfg, TrainerConfig), typed(ds_cfg, DeepSpeedConfig)
     zero = {
-        "stage": stage,
-        "overlap_comm": bool(ds_cfg.overlap_comm),
-        "contiguous_gradients": bool(ds_cfg.contiguous_gradients),
-        "reduce_bucket_size": int(ds_cfg.reduce_bucket_size),
+        "stage": ds.stage,
+        "overlap_comm": ds.overlap_comm,
+        "contiguous_gradients": ds.contiguous_gradients,
+        "reduce_bucket_size": ds.reduce_bucket_size,
     }
-    if stage == 3:
+    if ds.stage == 3:
         zero.update(
             {
-                "stage3_prefetch_bucket_size": int(ds_cfg.stage3_prefetch_bucket_size),
-                "stage3_param_persistence_threshold": int(ds_cfg.stage3_param_persistence_threshold),
-                "stage3_max_live_parameters": int(ds_cfg.stage3_max_live_parameters),
-                "stage3_gather_16bit_weights_on_model_save": bool(ds_cfg.stage3_gather_16bit_weights_on_model_save),
+                "stage3_prefetch_bucket_size": ds.stage3_prefetch_bucket_size,
+                "stage3_param_persistence_threshold": ds.stage3_param_persistence_threshold,
+                "stage3_max_live_parameters": ds.stage3_max_live_parameters,
+                "stage3_gather_16bit_weights_on_model_save": ds.stage3_gather_16bit_weights_on_model_save,
             }
         )
-    if ds_cfg.offload_optimizer:
+    if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if ds_cfg.offload_params:
-        if stage != 3:
+    if ds.offload_params:
+        if ds.stage != 3:
             raise ValueError("deepspeed.offload_params needs deepspeed.stage=3")
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     config = {
-        "train_micro_batch_size_per_gpu": int(trainer_cfg.micro_batch_size),
-        "gradient_accumulation_steps": int(trainer_cfg.grad_accum),
-        "train_batch_size": int(trainer_cfg.micro_batch_size) * int(trainer_cfg.grad_accum) * world_size,
-        "gradient_clipping": float(trainer_cfg.grad_clip),
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
@@ -129,7 +122,7 @@ def build_ds_config(trainer_cfg, ds_cfg, world_size: int, precision: str) -> dic
         "steps_per_print": 10**9,  # ftlm logs progress itself
         "wall_clock_breakdown": False,
     }
-    config.update(dict(ds_cfg.get("extra") or {}))
+    config.update(ds.extra)
     return config
 
 
@@ -147,9 +140,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model, trainer_cfg, ds_cfg, device):
-    groups = param_groups(model, float(trainer_cfg.weight_decay))
-    kwargs = dict(lr=float(trainer_cfg.lr), betas=tuple(trainer_cfg.betas), eps=float(trainer_cfg.adam_eps))
+def build_optimizer(model, trainer_cfg: TrainerConfig, ds_cfg: DeepSpeedConfig, device):
+    groups = param_groups(model, trainer_cfg.weight_decay)
+    kwargs = dict(lr=trainer_cfg.lr, betas=tuple(trainer_cfg.betas), eps=trainer_cfg.adam_eps)
     if ds_cfg.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # the fast CPU Adam that ZeRO-Offload expects
 

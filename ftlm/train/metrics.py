@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import sys
 import time
 from collections import defaultdict
@@ -14,11 +15,15 @@ import torch
 log = logging.getLogger("ftlm")
 
 
-def setup_logging(run_dir: Path | None, rank: int) -> None:
-    """Rank 0 logs INFO to the console and to run_dir/train.log; other ranks only warnings."""
+def setup_logging(rank: int) -> None:
+    """Rank 0 logs INFO to the console, other ranks only warnings; the run's train.log comes with attach_log_file.
+
+    Until then rank 0's records wait in memory: a run refused by its checks writes nothing into the run directory.
+    """
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
+        h.close()
     fmt = logging.Formatter(
         "%(asctime)s %(levelname)s %(message)s"
         if rank == 0
@@ -29,13 +34,42 @@ def setup_logging(run_dir: Path | None, rank: int) -> None:
     console.setFormatter(fmt)
     root.addHandler(console)
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    if rank == 0 and run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        file = logging.FileHandler(run_dir / "train.log")
-        file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(file)
+    if rank == 0:
+        root.addHandler(_PendingFile())
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "streaming"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class _PendingFile(logging.handlers.MemoryHandler):
+    """Holds log records until the run's file is known to be writable (capacity far above a run's start)."""
+
+    def __init__(self):
+        super().__init__(capacity=100_000, flushLevel=logging.CRITICAL + 1)
+
+    def shouldFlush(self, record) -> bool:
+        return self.target is not None and super().shouldFlush(record)
+
+
+def attach_log_file(run_dir: Path) -> None:
+    """Start run_dir/train.log (appending on resume) with every record logged so far."""
+    root = logging.getLogger()
+    file = logging.FileHandler(run_dir / "train.log")
+    file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for h in list(root.handlers):
+        if isinstance(h, _PendingFile):
+            h.setTarget(file)
+            h.flush()
+            root.removeHandler(h)
+    root.addHandler(file)
+
+
+def close_logging() -> None:
+    """Detach and close the run's log file, so what runs after (Hydra launching a sweep's next job) is not in it."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if isinstance(h, (logging.FileHandler, _PendingFile)):
+            root.removeHandler(h)
+            h.close()
 
 
 class StepTimer:
@@ -70,7 +104,11 @@ class StepTimer:
 
 
 class Metrics:
-    """TensorBoard on rank 0 plus a per-interval throughput meter."""
+    """Training metrics: the loss window, TensorBoard on rank 0, the console line, throughput and MFU.
+
+    `record` keeps the loss on the device (no synchronisation); `log` runs at log boundaries only, reduces the window
+    over the ranks and reports it.
+    """
 
     def __init__(
         self,
@@ -79,6 +117,9 @@ class Metrics:
         is_main: bool,
         world_size: int,
         tokens_per_step: int,
+        device: torch.device,
+        max_steps: int,
+        log_interval: int,
         flops_per_token: float | None = None,
         peak_flops: float | None = None,
         start_step: int = 0,
@@ -93,9 +134,53 @@ class Metrics:
             )
         self.world_size = world_size
         self.tokens_per_step = tokens_per_step
+        self.device, self.max_steps, self.log_interval = device, max_steps, log_interval
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.interval_start = time.perf_counter()
         self.interval_steps = 0
+        self.start_step, self.start_time = start_step, time.perf_counter()
+        self.window = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, micro-batches
+        self.losses: dict[int, float] = {}  # step -> mean training loss, at each log line
+
+    def due(self, step: int) -> bool:
+        return due(step, self.log_interval, self.max_steps)
+
+    def record(self, loss: torch.Tensor) -> None:
+        """One micro-batch's loss, added on the device."""
+        self.window += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=self.device)])
+
+    def tick(self) -> None:
+        self.interval_steps += 1
+
+    def log(self, step: int, values: dict[str, float]) -> float:
+        """Reduce the loss window over the ranks, write it with `values` to TensorBoard and print the step's line."""
+        import torch.distributed as dist
+
+        dist.all_reduce(self.window)
+        mean_loss = (self.window[0] / self.window[1]).item()
+        self.window.zero_()
+        values = {"train/loss": mean_loss, **values, **self.throughput(), **memory_stats(self.device)}
+        self.scalars(values, step)
+        self.losses[step] = mean_loss
+        log.info(self.format_line(step, values))
+        return mean_loss
+
+    def format_line(self, step: int, values: dict[str, float]) -> str:
+        elapsed = time.perf_counter() - self.start_time
+        eta = elapsed / max(1, step - self.start_step) * (self.max_steps - step)
+        parts = [
+            f"step {step}/{self.max_steps} ({100 * step / self.max_steps:.0f}%)",
+            f"loss {values['train/loss']:.4f}",
+            f"lr {values['train/lr']:.2e}",
+            f"grad norm {values['train/grad_norm']:.3f}",
+            f"{values['train/tokens_per_sec']:,.0f} tokens/s",
+        ]
+        if "train/mfu" in values:
+            parts.append(f"MFU {values['train/mfu']:.1%}")
+        if "train/pad_fraction" in values:
+            parts.append(f"pad {values['train/pad_fraction']:.1%}")
+        parts.append(f"ETA {duration(eta)}")
+        return " | ".join(parts)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer is not None:
@@ -105,9 +190,6 @@ class Metrics:
     def text(self, tag: str, value: str, step: int) -> None:
         if self.writer is not None:
             self.writer.add_text(tag, value, step)
-
-    def tick(self) -> None:
-        self.interval_steps += 1
 
     def throughput(self) -> dict[str, float]:
         """Tokens per second over the steps since the last call (all ranks together, and per device)."""
@@ -124,9 +206,32 @@ class Metrics:
         self.interval_start, self.interval_steps = time.perf_counter(), 0
         return out
 
+    def summary(self) -> None:
+        losses = list(self.losses.values())
+        if len(losses) >= 2:
+            log.info(
+                "loss went from %.4f to %.4f (%.0f%% of the first logged value)",
+                losses[0],
+                losses[-1],
+                100 * losses[-1] / losses[0],
+            )
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
+
+
+def due(step: int, every: int, last: int) -> bool:
+    """Whether a periodic task runs after `step`: every `every` steps and after the last one (0 turns it off)."""
+    return every > 0 and (step % every == 0 or step == last)
+
+
+def duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
 
 
 def memory_stats(device: torch.device) -> dict[str, float]:

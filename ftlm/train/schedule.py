@@ -11,11 +11,11 @@ def lr_multiplier(step: int, warmup_steps: int, decay_steps: int, min_ratio: flo
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer, trainer_cfg):
+def build_scheduler(optimizer, t):
+    """LambdaLR over `lr_multiplier` from a TrainerConfig (warmup_steps, decay_steps, max_steps, min_lr_ratio)."""
     import torch
 
-    warmup = int(trainer_cfg.warmup_steps)
-    decay = trainer_cfg.decay_steps if trainer_cfg.decay_steps is not None else max(1, trainer_cfg.max_steps - warmup)
+    decay = t.decay_steps if t.decay_steps is not None else max(1, t.max_steps - t.warmup_steps)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, warmup, int(decay), float(trainer_cfg.min_lr_ratio))
+        optimizer, lambda step: lr_multiplier(step, t.warmup_steps, decay, t.min_lr_ratio)
     )

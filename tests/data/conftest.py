@@ -7,13 +7,19 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def data_config(out_dir, **overrides) -> dict:
-    """conf/data/embedded.yaml as a plain dict, with out_dir and any top-level key replaced."""
-    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "data" / "embedded.yaml"), resolve=False)
+def data_config(out_dir, preset: str = "embedded", **overrides) -> dict:
+    """conf/data/<preset>.yaml (over base.yaml) as a plain dict, with out_dir and any top-level key replaced;
+    the sub-configs clean, dedup and tokenizer are updated key by key instead."""
+    from ftlm.data.config import preset as load_preset
+
+    cfg = load_preset(preset)
     cfg["out_dir"] = str(out_dir)
     cfg["cache_dir"] = str(Path(out_dir) / "cache")
     for key, value in overrides.items():
-        cfg[key] = copy.deepcopy(value)
+        if key in ("clean", "dedup", "tokenizer") and isinstance(value, dict):
+            cfg[key] = {**cfg[key], **copy.deepcopy(value)}
+        else:
+            cfg[key] = copy.deepcopy(value)
     return cfg
 
 

@@ -11,8 +11,9 @@ from ftlm.data.stream import build_train_loader, build_val_loaders
 
 def digest(tensors) -> str:
     h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.numpy().tobytes())
+    for batch in tensors:  # Batch objects
+        for t in (batch.inputs, batch.targets, batch.positions, batch.cu_seqlens):
+            h.update(t.numpy().tobytes())
     return h.hexdigest()
 
 

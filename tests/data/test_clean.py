@@ -73,3 +73,92 @@ def test_unknown_keys_and_languages_are_config_errors():
         CleanConfig.from_cfg({"min_char": 10})
     with pytest.raises(ValueError, match="data.lang"):
         QualityFilter(CleanConfig(), "xx")
+
+
+# -- the batched filter against a plain reference (the per-document Counter implementation it replaced) ----------
+def reference_reason(config: CleanConfig, lang, text: str):
+    from collections import Counter
+
+    from ftlm.data.clean import HANGUL, LATIN, LETTER, count
+
+    c, script = config, {"ko": HANGUL, "en": LATIN}.get(lang)
+    if c.min_chars is not None and len(text) < c.min_chars:
+        return "too_short"
+    if c.max_chars is not None and len(text) > c.max_chars:
+        return "too_long"
+    words = text.split()
+    if c.min_words is not None and len(words) < c.min_words:
+        return "too_few_words"
+    if c.max_mean_word_chars is not None and words and sum(map(len, words)) / len(words) > c.max_mean_word_chars:
+        return "long_words"
+    letters = count(LETTER, text)
+    visible = len(text) - text.count(" ") - text.count("\n") - text.count("\t")
+    if c.min_letter_share is not None and letters < c.min_letter_share * max(visible, 1):
+        return "few_letters"
+    if (
+        script is not None
+        and c.min_script_share is not None
+        and count(script, text) < c.min_script_share * max(letters, 1)
+    ):
+        return "wrong_language"
+    lines = [line for line in text.split("\n") if line.strip()]
+    if len(lines) >= 2:
+        counts = Counter(lines)
+        dup_lines = sum(n for n in counts.values() if n > 1)
+        dup_chars = sum(len(line) * n for line, n in counts.items() if n > 1)
+        if c.max_dup_line_frac is not None and dup_lines > c.max_dup_line_frac * len(lines):
+            return "repeated_lines"
+        if c.max_dup_line_char_frac is not None and dup_chars > c.max_dup_line_char_frac * sum(map(len, lines)):
+            return "repeated_lines"
+    total = sum(map(len, words))
+    for n, limit in c.max_top_ngram_frac.items():
+        if len(words) >= 2 * n:
+            gram, top = Counter(zip(*(words[i:] for i in range(n)))).most_common(1)[0]
+            if top > 1 and top * sum(map(len, gram)) > limit * total:
+                return "repeated_ngrams"
+    for n, limit in c.max_dup_ngram_frac.items():
+        if len(words) >= 2 * n:
+            starts = list(zip(*(words[i:] for i in range(n))))
+            counts = Counter(starts)
+            covered = set()
+            for i, gram in enumerate(starts):
+                if counts[gram] > 1:
+                    covered.update(range(i, i + n))
+            if sum(len(words[i]) for i in covered) / total > limit:
+                return "repeated_ngrams"
+    return None
+
+
+def test_batched_filter_matches_the_reference_on_random_documents():
+    import random
+
+    rng = random.Random(0)
+    pool = (KO + " " + EN).split() + ["½", "Ⅻ", "²", "🙂", "𝔘𝔫𝔦", "x_y", "42", "—", "…"]
+    texts = []
+    for _ in range(400):
+        words = [rng.choice(pool) for _ in range(rng.randint(3, 120))]
+        if rng.random() < 0.3:  # repeated passages
+            k = rng.randint(2, 12)
+            start = rng.randrange(max(len(words) - k, 1))
+            words += words[start : start + k] * rng.randint(1, 4)
+        lines = [" ".join(words[i : i + 9]) for i in range(0, len(words), 9)]
+        if rng.random() < 0.2:
+            lines += lines[: rng.randint(1, 3)]
+        texts.append(normalize("\n".join(lines)))
+    configs = [CleanConfig(min_chars=20, min_words=3), CleanConfig(min_chars=None, max_dup_line_frac=None)]
+    configs.append(CleanConfig(min_chars=10, max_top_ngram_frac={2: 0.05, 3: 0.04}, max_dup_ngram_frac={5: 0.02}))
+    seen = set()
+    for config in configs:
+        for lang in (None, "ko", "en"):
+            got = QualityFilter(config, lang).reject_reasons(texts)
+            assert got == [reference_reason(config, lang, t) for t in texts]
+            seen.update(got)
+    assert {"repeated_ngrams", "repeated_lines", "wrong_language", None} <= seen  # the set exercises the rules
+
+
+def test_optional_language_id_filter():
+    pytest.importorskip("py3langid")
+    config = CleanConfig(min_chars=100, min_words=10, min_script_share=None, langid_min_prob=0.9)
+    assert QualityFilter(config, "ko").reject_reasons([KO, EN]) == [None, "wrong_language_id"]
+    assert QualityFilter(config, "en").reject_reasons([KO, EN]) == ["wrong_language_id", None]
+    assert QualityFilter(config, None).reject_reasons([KO, EN]) == [None, None]  # needs data.lang to know

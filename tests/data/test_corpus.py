@@ -11,7 +11,8 @@ def test_embedded_corpus_comes_from_installed_files_without_konlpy_java():
     code = (
         "import sys, json; from ftlm.data import corpus; "
         "ko = list(corpus.korean_documents()); en = list(corpus.english_documents()); "
-        "print(json.dumps({'ko': len(ko), 'en': len(en), 'konlpy': sorted(m for m in sys.modules if m.startswith(('konlpy', 'jpype')))}))"
+        "loaded = sorted(m for m in sys.modules if m.startswith(('konlpy', 'jpype'))); "
+        "print(json.dumps({'ko': len(ko), 'en': len(en), 'konlpy': loaded}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     result = json.loads(out.stdout)
@@ -38,7 +39,7 @@ def test_documents_are_real_text_in_their_language():
 def test_materialize_writes_jsonl_streams(tmp_path):
     paths = corpus.materialize(str(tmp_path))
     assert set(paths) == {"ko", "en"}
-    for stream, path in paths.items():
+    for path in paths.values():
         with open(path, encoding="utf-8") as f:
             records = [json.loads(line) for line in f]
         assert records and all(isinstance(r["text"], str) for r in records)

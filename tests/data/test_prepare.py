@@ -139,7 +139,7 @@ def test_every_good_document_is_found_in_the_shards(prepared):
     cfg, result, good = prepared
     tokenizer = Tokenizer.load(result.tokenizer_path)
     for stream in ("ko", "en"):
-        decoded = decoded_split_texts(cfg["out_dir"], stream, tokenizer)
+        decoded = decoded_split_texts(result.out_dir, stream, tokenizer)
         assert sorted(decoded) == sorted(normalize(t) for t in good[stream]), stream
         assert result.stats["streams"][stream]["docs_val"] >= 1
 
@@ -179,7 +179,7 @@ def test_filters_and_duplicates_are_counted(prepared):
 
 def test_stats_json_is_the_completion_marker_and_preparation_is_idempotent(prepared):
     cfg, result, _ = prepared
-    stats_path = os.path.join(cfg["out_dir"], "stats.json")
+    stats_path = os.path.join(result.out_dir, "stats.json")
     with open(stats_path) as f:
         assert json.load(f)["fingerprint"] == result.stats["fingerprint"]
     before = os.stat(stats_path).st_mtime_ns
@@ -187,7 +187,8 @@ def test_stats_json_is_the_completion_marker_and_preparation_is_idempotent(prepa
     again = prepare(OmegaConf.create(cfg))
     assert time.time() - started < 2.0 and os.stat(stats_path).st_mtime_ns == before
     assert again.stats == result.stats and again.streams == ["ko", "en"]
-    assert not os.path.exists(os.path.join(cfg["out_dir"], "clean"))  # intermediate text removed
+    assert not os.path.exists(os.path.join(result.out_dir, "clean"))  # intermediate text removed
+    assert os.path.dirname(result.out_dir) == cfg["out_dir"] and os.listdir(os.path.join(cfg["out_dir"], "tmp")) == []
 
 
 def test_parallel_workers_write_identical_shards(messy, prepared, tmp_path):
@@ -199,8 +200,8 @@ def test_parallel_workers_write_identical_shards(messy, prepared, tmp_path):
         assert a.read() == b.read()
     for stream in ("ko", "en"):
         for split in ("train", "val"):
-            one = read_split(split_dir(cfg["out_dir"], stream, split))
-            two = read_split(split_dir(str(tmp_path), stream, split))
+            one = read_split(split_dir(result.out_dir, stream, split))
+            two = read_split(split_dir(parallel.out_dir, stream, split))
             assert len(one) == len(two) and all(np.array_equal(x, y) for x, y in zip(one, two))
 
 
@@ -211,7 +212,8 @@ def test_changed_settings_prepare_again(messy, tmp_path):
     cfg["clean"]["min_words"] = 9
     second = prepare(OmegaConf.create(cfg))
     assert first.stats["fingerprint"] != second.stats["fingerprint"]
-    reuse = dict(cfg, tokenizer={"path": first.tokenizer_path})
+    assert os.path.isfile(os.path.join(first.out_dir, "stats.json"))  # side by side: the first one is kept
+    reuse = dict(cfg, tokenizer=dict(cfg["tokenizer"], path=first.tokenizer_path))
     third = prepare(OmegaConf.create(reuse))
     assert third.stats["tokenizer"]["origin"].startswith("reused")
     assert third.stats["tokenizer"]["vocab_size"] == first.stats["tokenizer"]["vocab_size"]
@@ -241,7 +243,8 @@ def test_bad_config_fails_before_any_work(messy, tmp_path, change, message):
     root, _ = messy
     out = tmp_path / "never_created"
     cfg = messy_config(root, out)
-    cfg.update(change)
+    for key, value in change.items():  # a sub-config is changed key by key
+        cfg[key] = {**cfg[key], **value} if key == "tokenizer" else value
     with pytest.raises((DataConfigError, SourceError), match=message):
         prepare(OmegaConf.create(cfg))
     assert not out.exists()

@@ -1,5 +1,6 @@
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from ftlm.data.batch import Batch
 from ftlm.data.checks import DataConfigError
 from ftlm.data.prepare import prepare
 from ftlm.data.shards import split_dir
@@ -19,8 +21,17 @@ ROOT = Path(__file__).resolve().parents[2]
 SEQ, MB = 64, 4
 
 
+def same(a: Batch, b: Batch) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(vars(a).values(), vars(b).values()))
+
+
 def with_mix(cfg, **mix):
     return OmegaConf.create(dict(cfg, mix=mix))
+
+
+def rows(batch: Batch) -> torch.Tensor:
+    """The (B, S+1) token rows a concat batch was cut from."""
+    return torch.cat([batch.inputs, batch.targets[:, -1:]], dim=1)
 
 
 def test_batches_are_packed_documents_separated_by_eot(embedded_prepared):
@@ -28,12 +39,13 @@ def test_batches_are_packed_documents_separated_by_eot(embedded_prepared):
     loader = build_train_loader(OmegaConf.create(cfg), SEQ, MB, 0, 1, seed=1)
     eot = Tokenizer.load(prepared.tokenizer_path).eot_id
     batches = [next(loader) for _ in range(30)]
-    assert all(b.shape == (MB, SEQ + 1) and b.dtype == torch.long for b in batches)
-    stream = torch.cat([b.reshape(-1) for b in batches])
+    assert all(b.shape == (MB, SEQ) and b.inputs.dtype == torch.long for b in batches)
+    assert all(torch.equal(b.inputs[:, 1:], b.targets[:, :-1]) for b in batches)
+    stream = torch.cat([rows(b).reshape(-1) for b in batches])
     assert stream.max() < Tokenizer.load(prepared.tokenizer_path).vocab_size and stream.min() >= 0
     # the concatenated rows are whole documents separated by <|endoftext|>
     pieces = np.split(stream.numpy(), np.flatnonzero(stream.numpy() == eot) + 1)
-    train_docs = {tuple(t.tolist()) for s in ("ko", "en") for t in read_split(split_dir(cfg["out_dir"], s, "train"))}
+    train_docs = {tuple(t.tolist()) for s in ("ko", "en") for t in read_split(split_dir(prepared.out_dir, s, "train"))}
     whole = [p[:-1] for p in pieces[1:-1]]  # the first and last piece may be cut by the sample window
     assert len(whole) > 5 and all(tuple(p.tolist()) in train_docs for p in whole)
 
@@ -66,9 +78,9 @@ def test_restored_state_gives_exactly_the_following_batches(embedded_prepared, s
     expected = [next(original) for _ in range(25)]
     resumed = build_train_loader(cfg, SEQ, 8, 0, 1, seed=11)
     resumed.load_state_dict(state)
-    assert all(torch.equal(a, b) for a, b in zip(expected, (next(resumed) for _ in range(25))))
+    assert all(same(a, b) for a, b in zip(expected, (next(resumed) for _ in range(25))))
     fresh = build_train_loader(cfg, SEQ, 8, 0, 1, seed=11)
-    assert not torch.equal(next(fresh), expected[0])
+    assert not same(next(fresh), expected[0])
 
 
 def test_ranks_read_disjoint_documents_deterministically(embedded_prepared):
@@ -81,8 +93,8 @@ def test_ranks_read_disjoint_documents_deterministically(embedded_prepared):
     once = set(ids[counts == 1].tolist())
     assert len(once) > 50 and not (set(orders[0].tolist()) & set(orders[1].tolist()) & once)
     again = build_train_loader(cfg, SEQ, MB, 1, 2, seed=5)
-    assert all(torch.equal(next(ranks[1]), next(again)) for _ in range(5))
-    assert not torch.equal(next(ranks[0]), next(ranks[1]))
+    assert all(same(next(ranks[1]), next(again)) for _ in range(5))
+    assert not same(next(ranks[0]), next(ranks[1]))
 
 
 def test_other_world_size_resumes_approximately(embedded_prepared, caplog):
@@ -98,7 +110,7 @@ def test_other_world_size_resumes_approximately(embedded_prepared, caplog):
     one.load_state_dict(merged)
     assert "approximate" in caplog.text
     assert one._epoch == 0 and 0 < one._start <= 2 * max(s["ranks"][str(r)]["pos"] for r, s in enumerate(states))
-    assert next(one).shape == (MB, SEQ + 1)
+    assert next(one).shape == (MB, SEQ)
 
 
 def test_val_loaders_are_finite_reiterable_and_equal_in_length_across_ranks(embedded_prepared):
@@ -109,11 +121,10 @@ def test_val_loaders_are_finite_reiterable_and_equal_in_length_across_ranks(embe
         lengths = [len(list(loaders[stream])) for loaders in per_rank]
         assert lengths[0] == lengths[1] == len(per_rank[0][stream]) and 1 <= lengths[0] <= 3
         first, second = list(per_rank[0][stream]), list(per_rank[0][stream])
-        assert all(torch.equal(a, b) and a.shape == (MB, SEQ + 1) for a, b in zip(first, second))
-    val_docs = {tuple(t.tolist()) for t in read_split(split_dir(embedded_prepared[0]["out_dir"], "ko", "val"))}
-    assert val_docs and not val_docs & {
-        tuple(t.tolist()) for t in read_split(split_dir(embedded_prepared[0]["out_dir"], "ko", "train"))
-    }
+        assert all(same(a, b) and a.shape == (MB, SEQ) for a, b in zip(first, second))
+    root = embedded_prepared[1].out_dir
+    val_docs = {tuple(t.tolist()) for t in read_split(split_dir(root, "ko", "val"))}
+    assert val_docs and not val_docs & {tuple(t.tolist()) for t in read_split(split_dir(root, "ko", "train"))}
 
 
 def test_unprepared_data_and_bad_mix_are_clear_errors(embedded_prepared, tmp_path):
@@ -129,7 +140,7 @@ def test_unprepared_data_and_bad_mix_are_clear_errors(embedded_prepared, tmp_pat
 def test_compressed_shards_stream_through_the_cache(embedded_prepared, make_data_config, tmp_path):
     """zstd shards are decompressed into a per-process cache folder and give the same documents."""
     cfg, prepared = embedded_prepared
-    corpus_dir = Path(cfg["out_dir"]) / "corpus"
+    corpus_dir = Path(prepared.out_dir) / "corpus"
     compressed = make_data_config(
         tmp_path,
         name="zstd",
@@ -138,14 +149,14 @@ def test_compressed_shards_stream_through_the_cache(embedded_prepared, make_data
         tokenizer=dict(cfg["tokenizer"], path=prepared.tokenizer_path),
     )
     result = prepare(OmegaConf.create(compressed))
-    assert list(Path(split_dir(str(tmp_path), "ko", "train")).glob("*.mds.zstd"))
+    assert list(Path(split_dir(result.out_dir, "ko", "train")).rglob("*.mds.zstd"))
     for split in ("train", "val"):
-        plain = read_split(split_dir(cfg["out_dir"], "ko", split))
+        plain = read_split(split_dir(prepared.out_dir, "ko", split))
         packed = read_split(split_dir(result.out_dir, "ko", split), cache_dir=str(tmp_path / "read-cache"))
         assert len(plain) == len(packed) and all(np.array_equal(a, b) for a, b in zip(plain, packed))
     loader = build_train_loader(OmegaConf.create(compressed), SEQ, MB, 0, 1, seed=0)
     next(loader)
-    assert any(p.name == f"pid{os.getpid()}" for p in (tmp_path / "cache").glob("*/*"))
+    assert any(p.name == f"{socket.gethostname()}.{os.getpid()}" for p in (tmp_path / "cache").glob("*/*"))
 
 
 def test_two_processes_as_two_nodes_on_one_machine(embedded_prepared):

@@ -107,3 +107,91 @@ def test_extending_keeps_every_old_id_and_shortens_korean(tokenizer):
 def test_too_small_vocabulary_is_a_config_error():
     with pytest.raises(ValueError, match="data.tokenizer.vocab_size"):
         train_tokenizer(["abc"], vocab_size=100, show_progress=False)
+
+
+# -- SentencePiece-style tokenizers (Llama-2, Mistral, SOLAR: BPE + byte fallback, "▁" for spaces) ------------------
+def _sentencepiece(legacy: bool) -> Tokenizer:
+    import sys
+    from pathlib import Path
+
+    from tokenizers import Tokenizer as HFTok
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hf"))
+    import sp_tokenizer  # tests/hf/sp_tokenizer.py: built locally with the tokenizers library
+
+    english = [d["text"] for d in corpus.english_documents()][:150]
+    return Tokenizer(HFTok.from_str(sp_tokenizer.build(english, 600, legacy=legacy)))
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["metaspace", "legacy_llama2"])
+def sentencepiece_pair(request):
+    base = _sentencepiece(request.param)
+    korean = [d["text"] for d in corpus.korean_documents()]
+    return base, extend_tokenizer(base, korean, new_vocab_size=1200, show_progress=False)
+
+
+def test_sentencepiece_extension_keeps_ids_round_trips_and_never_unknown(sentencepiece_pair):
+    base, extended = sentencepiece_pair
+    assert base.eot_id == base.backend.token_to_id("</s>") and base.bos_id == 1  # its own specials, nothing added
+    assert base.pad_id == base.eot_id and base.vocab_size == 859
+    old_vocab = base.backend.get_vocab(with_added_tokens=True)
+    new_vocab = extended.backend.get_vocab(with_added_tokens=True)
+    assert all(new_vocab[t] == i for t, i in old_vocab.items())
+    assert extended.vocab_size > base.vocab_size + 300 and extended.vocab_size % 64 == 0
+    assert extended.never_unknown() and extended.has_byte_fallback() and not extended.is_byte_level()
+    unk = base.backend.token_to_id("<unk>")
+    for text in KOREAN_CASES + ENGLISH_CASES:
+        ids = extended.encode(text)
+        assert unk not in ids and extended.decode(ids) == text
+        if not any(not c.isascii() and unicodedata.category(c).startswith("L") for c in text):
+            assert ids == base.encode(text)  # text without new-language letters encodes exactly as before
+    sample = "대한민국의 주권은 국민에게 있고, 모든 권력은 국민으로부터 나온다."
+    assert len(extended.encode(sample)) < 0.5 * len(base.encode(sample))
+    stats = extended.extension_stats
+    print(f"\nKorean tokens per character {stats['korean_tokens_per_char_before']:.3f} -> "
+          f"{stats['korean_tokens_per_char_after']:.3f}")  # fmt: skip
+    assert stats["korean_tokens_per_char_after"] < 0.6 * stats["korean_tokens_per_char_before"]
+
+
+def test_sentencepiece_token_byte_lengths(sentencepiece_pair):
+    _, extended = sentencepiece_pair
+    lengths = extended.token_byte_lengths()
+    for text in KOREAN_CASES + ENGLISH_CASES:
+        n = len(text.encode("utf-8"))
+        assert int(lengths[extended.encode(text)].sum()) in (n, n + 1)  # + the space SentencePiece prepends
+
+
+def test_transformers_agrees_on_the_extended_sentencepiece_tokenizer(sentencepiece_pair, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    _, extended = sentencepiece_pair
+    extended.save(str(tmp_path / "tokenizer.json"))
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    for text in KOREAN_CASES[:3] + ENGLISH_CASES[:3]:
+        assert hf.encode(text, add_special_tokens=False) == extended.encode(text)
+
+
+def test_tokenizers_that_cannot_be_extended_say_why():
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import models as tm
+    from tokenizers import pre_tokenizers as tp
+    from tokenizers import trainers as tt
+
+    from ftlm.data.tokenizer import TokenizerExtensionError
+
+    texts = [d["text"] for d in corpus.english_documents()][:30]
+    cases = {
+        "WordPiece": (tm.WordPiece(unk_token="[UNK]"), tt.WordPieceTrainer(vocab_size=300, special_tokens=["[UNK]"])),
+        "Unigram": (tm.Unigram(), tt.UnigramTrainer(vocab_size=300, unk_token="<unk>", special_tokens=["<unk>"])),
+        "BPE": (tm.BPE(unk_token="<unk>"), tt.BpeTrainer(vocab_size=300, special_tokens=["<unk>"])),
+    }
+    why = {
+        "WordPiece": "WordPiece model turns every character it lacks into \\[UNK\\]",
+        "Unigram": "Unigram model's tokens are chosen by learned scores",
+        "BPE": "neither byte-level nor byte-fallback maps characters outside its alphabet to '<unk>'",
+    }
+    for kind, (model, trainer) in cases.items():
+        tok = HFTok(model)
+        tok.pre_tokenizer = tp.Whitespace()
+        tok.train_from_iterator(texts, trainer)
+        with pytest.raises(TokenizerExtensionError, match=f"cannot be extended: .*{why[kind]}"):
+            extend_tokenizer(Tokenizer(tok), ["대한민국"], new_vocab_size=400, show_progress=False)

@@ -146,7 +146,7 @@ def test_cli_streams_greedy_continuation(tiny_run_dir, capsys):
     )
     out = capsys.readouterr().out
     assert out.startswith("대한민국은") and out.endswith("\n")
-    from ftlm.checkpoint_io import load
+    from ftlm.checkpoint import load
 
     loaded = load(tiny_run_dir)
     ids = list(generate(loaded.model, loaded.tokenizer.encode("대한민국은"), 8, eos_id=loaded.tokenizer.eot_id))
@@ -165,3 +165,59 @@ def test_kv_cache_equals_no_cache_on_gpu():
     assert list(generate(model, PROMPT, 20)) == list(generate(model, PROMPT, 20, use_cache=False))
     g = torch.Generator().manual_seed(0)  # a CPU generator drives a GPU model
     assert len(list(generate(model, PROMPT, 5, temperature=1.0, generator=g))) == 5
+
+
+# -- the edges of ftlm-generate: an empty prompt, one longer than the context, nothing to generate ----------------
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """An ftlm model directory (what ftlm-export writes) holding tiny_model(8) and a small trained tokenizer."""
+    from ftlm.data.tokenizer import train_tokenizer
+    from ftlm.export import write_ftlm
+
+    root = tmp_path_factory.mktemp("gen_model")
+    texts = ["대한민국은 민주공화국이다.", "서울은 한국의 수도이다.", "Hello, world. The quick brown fox."]
+    train_tokenizer(texts * 4, 300, min_frequency=1, show_progress=False).save(str(root / "tokenizer.json"))
+    model = tiny_model(8)
+    write_ftlm(root / "model", model.cfg, model.state_dict(), root / "tokenizer.json", torch.float32)
+    return root / "model"
+
+
+def _greedy_text(model_dir, prompt_ids, n):
+    from ftlm.checkpoint import load
+
+    loaded = load(model_dir)
+    tok = loaded.tokenizer
+    ids = list(generate(loaded.model, prompt_ids, n, eos_id=tok.eot_id))
+    return tok.decode([i for i in ids if i != tok.eot_id], skip_special_tokens=True)
+
+
+def test_empty_prompt_starts_a_new_document(model_dir, capsys):
+    from ftlm.data.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(model_dir / "tokenizer.json")
+    assert main([str(model_dir), "--prompt", "", "--max-new-tokens", "6", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == _greedy_text(model_dir, [tok.eot_id], 6) + "\n"
+
+
+def test_prompt_longer_than_the_context_keeps_its_end(model_dir, capsys, caplog):
+    from ftlm.data.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(model_dir / "tokenizer.json")
+    prompt = "대한민국은 민주공화국이다. " * 20
+    ids = tok.encode(prompt)
+    assert len(ids) > 64  # model.max_seq_len
+    assert main([str(model_dir), "--prompt", prompt, "--max-new-tokens", "5", "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    assert f"the prompt has {len(ids)} tokens; the model sees its last 63" in caplog.text
+    assert "generating at most 1 tokens" in caplog.text
+    assert out == prompt + _greedy_text(model_dir, ids[-63:], 1) + "\n"
+
+
+def test_max_new_tokens_0_prints_the_prompt(model_dir, capsys, caplog):
+    caplog.set_level("INFO", logger="ftlm.eval.generate")
+    assert main([str(model_dir), "--prompt", "대한민국은", "--max-new-tokens", "0"]) == 0
+    assert capsys.readouterr().out == "대한민국은\n"
+    assert "nothing to generate" in caplog.text
+    with pytest.raises(SystemExit):
+        main([str(model_dir), "--prompt", "x", "--max-new-tokens", "-1"])
+    assert "must not be negative" in capsys.readouterr().err

@@ -32,9 +32,9 @@ def train_tokenizer(path: Path, vocab_size: int = 400) -> int:
 def model_overrides(extra: list[str]) -> dict:
     from omegaconf import OmegaConf
 
-    from ftlm.config import CONF_DIR
+    from ftlm.config import compose
 
-    model = OmegaConf.load(CONF_DIR / "model" / "tiny.yaml")
+    model = compose(["model=tiny"]).model  # conf/model/tiny.yaml over base.yaml
     small = ["n_layer=2", "d_model=64", "n_head=4", "n_kv_heads=2", "max_seq_len=64", "vocab_size=512"]
     model.merge_with_dotlist(small + [e.removeprefix("model.") for e in extra])
     return OmegaConf.to_container(model, resolve=True)
@@ -44,7 +44,8 @@ def main(run_dir: Path, extra: list[str]) -> None:
     import torch
     from omegaconf import OmegaConf
 
-    from ftlm.config import CONF_DIR
+    from ftlm.checkpoint import tokenizer_fingerprint
+    from ftlm.config import compose
     from ftlm.model import GPTConfig
     from ftlm.train import checkpoint
     from ftlm.train.engine import build_ds_config, build_engine, build_model, init_distributed
@@ -53,13 +54,12 @@ def main(run_dir: Path, extra: list[str]) -> None:
     n_vocab = train_tokenizer(run_dir / "tokenizer.json")
     model_cfg = GPTConfig.from_dict(model_overrides([e for e in extra if e.startswith("model.")]))
     assert n_vocab <= model_cfg.vocab_size
-    # The trainer and deepspeed groups straight from conf/, so the fixture follows the shipped defaults.
-    trainer = OmegaConf.load(CONF_DIR / "trainer" / "default.yaml")
-    trainer.merge_with_dotlist(
-        ["micro_batch_size=2", "grad_accum=1", "seq_len=32", "warmup_steps=0", "max_steps=2", "lr=1e-2"]
-    )
+    # The trainer and deepspeed groups as the apps compose them from conf/, so the fixture follows the shipped
+    # defaults (the trainer group refers to the model's and data's keys, so it is composed whole).
     preset = next((e.split("=", 1)[1] for e in extra if e.startswith("deepspeed=")), "zero3")
-    ds_cfg = OmegaConf.load(CONF_DIR / "deepspeed" / f"{preset}.yaml")
+    small = ["micro_batch_size=2", "grad_accum=1", "seq_len=32", "warmup_steps=0", "max_steps=2", "lr=1e-2"]
+    full = compose([f"deepspeed={preset}"] + [f"trainer.{o}" for o in small])
+    trainer, ds_cfg = full.trainer, full.deepspeed
 
     d = init_distributed("cpu")
     ds_config = build_ds_config(trainer, ds_cfg, d.world_size, "fp32")
@@ -72,7 +72,7 @@ def main(run_dir: Path, extra: list[str]) -> None:
         _, loss = engine(batch[:, :-1], batch[:, 1:])
         engine.backward(loss)
         engine.step()
-    config = {"model": asdict(model_cfg), "trainer": OmegaConf.to_container(trainer)}
+    config = {"model": asdict(model_cfg), "trainer": OmegaConf.to_container(trainer, resolve=True)}
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config))
     state = {
         "step": 2,
@@ -80,7 +80,7 @@ def main(run_dir: Path, extra: list[str]) -> None:
         "world_size": d.world_size,
         "model_config": asdict(model_cfg),
         "tokenizer_vocab": n_vocab,
-        "tokenizer_sha256": checkpoint.tokenizer_fingerprint(run_dir / "tokenizer.json"),
+        "tokenizer_sha256": tokenizer_fingerprint(run_dir / "tokenizer.json"),
         "config": config,
     }
     checkpoint.save(engine, run_dir / "checkpoints", 2, state, {"position": 0}, keep_last=3, rank=d.rank)

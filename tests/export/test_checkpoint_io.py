@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import ftlm.checkpoint_io as cio
+import ftlm.checkpoint.reader as cio
 from ftlm.export import write_ftlm
 from ftlm.model import GPT, GPTConfig
 
@@ -124,8 +124,9 @@ def test_hugging_face_directory_is_pointed_out(tiny_run_dir, tmp_path):
     from ftlm.export import export
 
     export(tiny_run_dir, tmp_path / "out", dtype="fp32")
-    with pytest.raises(cio.CheckpointError, match="Hugging Face model directory"):
-        cio.load(tmp_path / "out" / "hf")
+    shutil.rmtree(tmp_path / "out" / "ftlm")  # the Hugging Face files alone, without ftlm's beside them
+    with pytest.raises(cio.CheckpointError, match="Hugging Face model directory.*ftlm-import"):
+        cio.load(tmp_path / "out")
 
 
 def test_tokenizer_other_than_the_one_trained_with(tiny_run_dir, tmp_path, weights_untouchable):
@@ -138,3 +139,59 @@ def test_tokenizer_other_than_the_one_trained_with(tiny_run_dir, tmp_path, weigh
     )
     with pytest.raises(cio.CheckpointError, match=r"has \d+ tokens but .* was trained with a 400-token tokenizer"):
         cio.load(run)
+
+
+class _Evil:
+    """Unpickling this runs a shell command: what a replaced checkpoint file could do to a careless reader."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _plant(path, marker):
+    """Replace a checkpoint file with a malicious pickle and update the manifest's size and checksum for it, as
+    whoever could write the folder could: only the restricted unpickler stands between it and the reader."""
+    import json
+
+    from ftlm.checkpoint.format import MANIFEST, file_checksum
+
+    torch.save({"state": _Evil(marker)}, path)
+    manifest = path.parent / MANIFEST
+    m = json.loads(manifest.read_text())
+    m["files"][path.name] = path.stat().st_size
+    m["checksums"][path.name] = file_checksum(path)
+    manifest.write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("victim", ["optim_states", "model_states"])
+def test_malicious_pickle_never_runs_in_load_export_generate_or_eval(tiny_run_dir, tmp_path, capsys, victim):
+    from ftlm.eval.generate import main as generate_main
+    from ftlm.eval.main import main as eval_main
+    from ftlm.export import main as export_main
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run_dir, run)
+    ckpt = run / "checkpoints" / "step_00000002"
+    marker = tmp_path / "pwned"
+    for f in ckpt.glob(f"*{victim}.pt"):
+        _plant(f, marker)
+    with pytest.raises(cio.CheckpointError) as e:
+        cio.load(run)
+    msg = str(e.value)
+    assert f"refusing to load {ckpt}/" in msg and "posix.system" in msg
+    assert "weights_only" not in msg and "trusted source" not in msg  # torch's advice is never passed on
+
+    text = tmp_path / "t.txt"
+    text.write_text("서울은 한국의 수도이다. Seoul is the capital of Korea.\n")
+    capsys.readouterr()
+    assert export_main([str(run), str(tmp_path / "out")]) == 1
+    assert generate_main([str(run), "--prompt", "서울", "--max-new-tokens", "2", "--device", "cpu"]) != 0
+    assert eval_main([str(run), str(text), "--device", "cpu"]) != 0
+    err = capsys.readouterr().err
+    assert err.count("refusing to load") >= 3 and "weights_only" not in err
+    assert not marker.exists()

@@ -11,8 +11,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ftlm.checkpoint_io import load
-from ftlm.data.tokenizer import Tokenizer
+from ftlm.checkpoint import load
+from ftlm.data.tokenizer import EOT, Tokenizer
 from ftlm.export import HFExportError, export, main, write_ftlm
 from ftlm.model import GPT, GPTConfig
 
@@ -87,7 +87,7 @@ def test_hf_parity(arch, tiny_run_dir, tmp_path):
     write_ftlm(src, model.cfg, model.state_dict(), tiny_run_dir / "tokenizer.json", torch.float32)
     export(src, tmp_path / "out", dtype="fp32")
     ids = torch.randint(0, 512, (2, 13), generator=torch.Generator().manual_seed(0))
-    theirs, cls = hf_logits(tmp_path / "out" / "hf", ids)
+    theirs, cls = hf_logits(tmp_path / "out", ids)
     with torch.no_grad():
         ours, _ = model(ids)
     assert cls == expected_class
@@ -96,40 +96,70 @@ def test_hf_parity(arch, tiny_run_dir, tmp_path):
 
 
 def test_export_run_dir_end_to_end(tiny_run_dir, tmp_path, capsys):
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
     out = tmp_path / "export"
     assert main([str(tiny_run_dir), str(out), "--dtype", "fp32"]) == 0
-    assert {p.name for p in out.iterdir()} == {"model.safetensors", "ftlm_config.json", "tokenizer.json", "hf"}
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "ftlm"} <= names
+    assert {p.name for p in (out / "ftlm").iterdir()} == {"model.safetensors", "ftlm_config.json", "tokenizer.json"}
 
     # Consolidation gives back exactly the weights DeepSpeed gathered in the training process.
     reference = load_file(tiny_run_dir / "reference_weights.safetensors")
-    exported = load_file(out / "model.safetensors")
+    exported = load_file(out / "ftlm" / "model.safetensors")
     assert exported.keys() == reference.keys()
     for k in reference:
         assert torch.equal(exported[k], reference[k]), k
-    meta = json.loads((out / "ftlm_config.json").read_text())
+    meta = json.loads((out / "ftlm" / "ftlm_config.json").read_text())
     assert meta["step"] == 2 and meta["model"]["n_kv_heads"] == 2 and meta["model"]["vocab_size"] == 512
 
-    tok = AutoTokenizer.from_pretrained(out / "hf")
+    tok = AutoTokenizer.from_pretrained(out)  # the output directory itself is the Hugging Face model
     assert isinstance(tok, PreTrainedTokenizerFast)
     ours = Tokenizer.load(tiny_run_dir / "tokenizer.json")
     assert tok.eos_token_id == ours.eot_id and tok.pad_token_id == ours.pad_id
     assert tok(TEXT)["input_ids"] == ours.encode(TEXT)
     assert tok.decode(ours.encode(TEXT)) == TEXT
+    # "<|endoftext|>" written inside a text is text for both, never the end-of-text id
+    spoof = f"a{EOT}b"
+    assert tok(spoof)["input_ids"] == ours.encode(spoof) and ours.eot_id not in ours.encode(spoof)
 
     ids = torch.tensor([[ours.eot_id] + ours.encode(TEXT)])
-    theirs, cls = hf_logits(out / "hf", ids)
+    theirs, cls = hf_logits(out, ids)
     assert cls == "GPTNeoXForCausalLM"  # the tiny preset is layernorm + gelu
     with torch.no_grad():
         mine, _ = load(tiny_run_dir).model(ids)
     torch.testing.assert_close(theirs, mine, atol=1e-4, rtol=1e-4)
 
+    # the usual transformers idiom works: no token_type_ids reach generate()
+    inputs = tok(TEXT, return_tensors="pt")
+    assert set(inputs) == {"input_ids", "attention_mask"}
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    generated = hf.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] > inputs["input_ids"].shape[1]
+
+    # ftlm's readers take the new layout: the output directory names the ftlm files in ftlm/
+    assert load(out).source.path == out / "ftlm"
+
+
+def test_the_earlier_layout_stays_readable(tiny_run_dir, tmp_path):
+    """Exports written before the layout change (ftlm files in OUT, Hugging Face model in OUT/hf) still load, and an
+    export does not write a Hugging Face model over one."""
+    old = tmp_path / "old"
+    model = random_gpt(3, norm="rmsnorm", mlp="swiglu")
+    write_ftlm(old, model.cfg, model.state_dict(), tiny_run_dir / "tokenizer.json", torch.float32)
+    export(old, tmp_path / "new", dtype="fp32")
+    (tmp_path / "new").rename(old / "hf")
+    loaded = load(old)
+    assert loaded.source.path == old
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.model.state_dict().items())
+    with pytest.raises(ValueError, match="earlier layout"):
+        export(tiny_run_dir, old, dtype="fp32")
+
 
 def test_bf16_export_reloads(tiny_run_dir, tmp_path):
     out = tmp_path / "bf16"
     export(tiny_run_dir, out, dtype="bf16", hf=False)
-    assert not (out / "hf").exists()
+    assert not (out / "config.json").exists() and not (out / "ftlm").exists()  # --no-hf: ftlm's files in out
     with safe_open(out / "model.safetensors", "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
     reference = load_file(tiny_run_dir / "reference_weights.safetensors")
@@ -138,19 +168,19 @@ def test_bf16_export_reloads(tiny_run_dir, tmp_path):
         assert torch.equal(v, reference[k].to(torch.bfloat16).float()), k
 
 
-def test_mixed_architecture_writes_ftlm_files_then_refuses_hf(tiny_run_dir, tmp_path, capsys):
+def test_mixed_architecture_is_refused_before_writing(tiny_run_dir, tmp_path, capsys):
     model = random_gpt(0, norm="rmsnorm", mlp="gelu")
     src = tmp_path / "src"
     write_ftlm(src, model.cfg, model.state_dict(), tiny_run_dir / "tokenizer.json", torch.float32)
     with pytest.raises(HFExportError, match="only rmsnorm\\+swiglu .* and layernorm\\+gelu"):
         export(src, tmp_path / "a", dtype="fp32")
-    assert (tmp_path / "a" / "model.safetensors").is_file() and not (tmp_path / "a" / "hf").exists()
+    assert not (tmp_path / "a").exists()
 
     assert main([str(src), str(tmp_path / "b")]) == 1
     err = capsys.readouterr().err
     assert "model.norm=rmsnorm with model.mlp=gelu" in err and "--no-hf" in err
-    assert (tmp_path / "b" / "model.safetensors").is_file()
     assert main([str(src), str(tmp_path / "c"), "--no-hf"]) == 0
+    assert (tmp_path / "c" / "model.safetensors").is_file()
 
 
 @pytest.fixture(scope="module")
@@ -183,12 +213,12 @@ def test_zero2_llama_checkpoint_end_to_end(zero2_llama_run, tmp_path):
     assert not list((zero2_llama_run / "checkpoints" / "step_00000002").glob("zero_pp_rank_*model_states.pt"))
     export(zero2_llama_run, tmp_path / "out", dtype="fp32")
     reference = load_file(zero2_llama_run / "reference_weights.safetensors")
-    exported = load_file(tmp_path / "out" / "model.safetensors")
+    exported = load_file(tmp_path / "out" / "ftlm" / "model.safetensors")
     assert exported.keys() == reference.keys() and "lm_head.weight" in exported
     assert all(torch.equal(exported[k], reference[k]) for k in reference)
     ours = load(tmp_path / "out")
     ids = torch.tensor([ours.tokenizer.encode(TEXT)])
-    theirs, cls = hf_logits(tmp_path / "out" / "hf", ids)
+    theirs, cls = hf_logits(tmp_path / "out", ids)
     with torch.no_grad():
         mine, _ = ours.model(ids)
     assert cls == "LlamaForCausalLM"

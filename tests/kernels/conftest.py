@@ -1,19 +1,13 @@
 """Kernel tests run on the GPU when there is one, else on the CPU through Triton's interpreter.
 
-TRITON_INTERPRET=1 is set only for the duration of each kernel test (monkeypatch), so it does not leak
-into other test directories of the same pytest process. ftlm's Triton kernels read it at launch time.
+The interpreter is switched on for the whole test process by tests/conftest.py (TRITON_INTERPRET=1, set
+before triton is first imported), so ftlm's kernels are defined interpreted from the start.
 """
 
 import pytest
 import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(autouse=True)
-def triton_interpreter_on_cpu(monkeypatch):
-    if DEVICE == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture

@@ -17,7 +17,8 @@ SCRIPTS = ["single_node.sh", "multi_node.sh", "local_cpu.sh", "slurm.sbatch", "_
 
 ARGV_PRINTER = """#!/usr/bin/env bash
 for a in "$@"; do printf 'ARG<%s>\\n' "$a"; done
-printf 'ENV<%s>\\n' "RANK=${RANK:-} LOCAL_RANK=${LOCAL_RANK:-} WORLD_SIZE=${WORLD_SIZE:-} MASTER_ADDR=${MASTER_ADDR:-} MASTER_PORT=${MASTER_PORT:-} DS_ACCELERATOR=${DS_ACCELERATOR:-}"
+printf 'ENV<%s>\\n' "RANK=${RANK:-} LOCAL_RANK=${LOCAL_RANK:-} WORLD_SIZE=${WORLD_SIZE:-} \\
+MASTER_ADDR=${MASTER_ADDR:-} MASTER_PORT=${MASTER_PORT:-} DS_ACCELERATOR=${DS_ACCELERATOR:-}"
 """
 
 

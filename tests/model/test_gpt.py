@@ -26,9 +26,35 @@ def test_shapes_and_param_count_match_closed_form(norm, mlp, bias, tie, kv):
     model = GPT(cfg)
     idx = torch.randint(0, cfg.vocab_size, (3, 17))
     logits, loss = model(idx, idx)
-    assert logits.shape == (3, 17, cfg.vocab_size)
+    assert logits is None  # training: backward overwrites the logits, so forward does not hand them back
     assert loss.ndim == 0 and torch.isfinite(loss)
+    logits, eval_loss = model.eval()(idx, idx)
+    assert logits.shape == (3, 17, cfg.vocab_size)
+    torch.testing.assert_close(eval_loss, loss)
     assert model.num_params() == cfg.num_params()
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("rotary_pct", [1.0, 0.5, 0.25])
+@pytest.mark.parametrize("gelu_approx", ["tanh", "none"])
+@pytest.mark.parametrize(
+    "norm,mlp,bias,tie,kv", [("layernorm", "gelu", True, False, 2), ("rmsnorm", "swiglu", False, True, 4)]
+)
+def test_param_count_closed_form_for_every_new_option(parallel, rotary_pct, gelu_approx, norm, mlp, bias, tie, kv):
+    cfg = tiny(
+        parallel_residual=parallel,
+        rotary_pct=rotary_pct,
+        gelu_approx=gelu_approx,
+        norm=norm,
+        mlp=mlp,
+        bias=bias,
+        tie_embeddings=tie,
+        n_kv_heads=kv,
+    )
+    model = GPT(cfg)
+    assert sum(p.numel() for p in model.parameters()) == cfg.num_params()
+    embed = cfg.vocab_size * cfg.d_model  # the token embedding; an untied head stays in the count
+    assert cfg.num_params(include_embedding=False) == sum(p.numel() for p in model.parameters()) - embed
 
 
 @pytest.mark.parametrize(
@@ -71,14 +97,10 @@ def test_causal_future_tokens_do_not_change_the_past(impl, kv):
 
 def test_attention_implementations_agree():
     torch.manual_seed(0)
-    model = GPT(tiny(n_kv_heads=2)).eval()
+    models = {impl: GPT(tiny(n_kv_heads=2, attn_impl=impl)).eval() for impl in ("sdpa", "eager")}
+    models["eager"].load_state_dict(models["sdpa"].state_dict())
     idx = torch.randint(0, 97, (2, 31))
-    outs = {}
-    for impl in ("sdpa", "eager"):
-        for m in model.modules():
-            if hasattr(m, "cfg"):
-                m.cfg.attn_impl = impl
-        outs[impl] = model(idx)[0]
+    outs = {impl: model(idx)[0] for impl, model in models.items()}
     torch.testing.assert_close(outs["sdpa"], outs["eager"], rtol=1e-4, atol=1e-5)
 
 
@@ -118,6 +140,15 @@ def test_residual_projections_get_scaled_init():
         (dict(norm="batchnorm"), "model.norm"),
         (dict(mlp="relu"), "model.mlp"),
         (dict(n_layer=0), "model.n_layer"),
+        (dict(rotary_pct=0.0), "model.rotary_pct"),
+        (dict(rotary_pct=1.5), "model.rotary_pct"),
+        (dict(rotary_pct=0.1), "model.rotary_pct"),  # 1.6 of 16 dims: fewer than 2
+        (dict(rotary_pct=0.2), "model.rotary_pct"),  # int(16 * 0.2) = 3 dims: odd
+        (dict(gelu_approx="erf"), "model.gelu_approx"),
+        (dict(new_token_init="zeros"), "model.new_token_init"),
+        (dict(parallel_residual="yes"), "model.parallel_residual"),
+        (dict(doc_mask=1), "model.doc_mask"),
+        (dict(vocab_size=None), "model.vocab_size"),
     ],
 )
 def test_bad_config_names_the_key(kw, key):

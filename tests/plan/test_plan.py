@@ -29,25 +29,32 @@ def test_gpt3_175b_parameters_within_1_percent():
 
 def test_gpt3_175b_flops_per_token_against_published():
     cfg = GPTConfig(**GPT3)
-    s, l, h, v = 2048, 96, 12288, 50257
+    s, n_layer, h, v = 2048, 96, 12288, 50257
     # Brown et al. table D.1: 3.14e23 training FLOPs for 300B tokens, counted as 6N (attention left out).
     published_6n = 3.14e23 / 300e9
     assert abs(6 * matmul_params(cfg) - published_6n) / published_6n < 0.01
     assert 6 * matmul_params(cfg) == pytest.approx(1.05e12, rel=0.01)
-    assert attention_flops_per_token(cfg, s) == 12 * l * h * s  # PaLM appendix B, no causal halving
+    assert attention_flops_per_token(cfg, s) == 12 * n_layer * h * s  # PaLM appendix B, no causal halving
     # Megatron-LM (Narayanan et al. 2021, eq. 3) without its recomputation pass: 72 l h^2 (1 + s/6h) + 6 h V.
-    megatron = 72 * l * h**2 * (1 + s / (6 * h)) + 6 * h * v
+    megatron = 72 * n_layer * h**2 * (1 + s / (6 * h)) + 6 * h * v
     assert flops_per_token(cfg, s) == pytest.approx(megatron, rel=1e-12)
     assert flops_per_token(cfg, s) == pytest.approx(1.076e12, rel=1e-3)
 
 
-def test_flops_per_token_equals_torch_flop_counter():
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        dict(mlp="gelu", d_ff=100, parallel_residual=True, rotary_pct=0.5, gelu_approx="none", tie_embeddings=True),
+    ],
+)
+def test_flops_per_token_equals_torch_flop_counter(extra):
     # Every matmul of one forward+backward, counted by PyTorch, on an odd-sized model that exercises GQA,
-    # swiglu, an untied head and biases. Eager attention computes the full s x s products (no causal skipping),
-    # which is the convention.
+    # swiglu, an untied head and biases (then the GPT-NeoX options, and packed documents). Eager attention
+    # computes the full s x s products (no causal or document skipping), which is the convention.
     from torch.utils.flop_counter import FlopCounterMode
 
-    cfg = GPTConfig(
+    odd = dict(
         vocab_size=331,
         max_seq_len=40,
         n_layer=3,
@@ -61,11 +68,13 @@ def test_flops_per_token_equals_torch_flop_counter():
         attn_impl="eager",
         norm_impl="torch",
     )
+    cfg = GPTConfig(**{**odd, **extra})
     model = GPT(cfg)
     batch, seq = 3, 37
     idx = torch.randint(0, cfg.vocab_size, (batch, seq))
+    cu_seqlens = torch.tensor([0, 5, 37, 74, 90, 111], dtype=torch.int32) if extra else None
     with FlopCounterMode(display=False) as counter:
-        _, loss = model(idx, idx)
+        _, loss = model(idx, idx, cu_seqlens=cu_seqlens)
         loss.backward()
     assert counter.get_total_flops() == flops_per_token(cfg, seq) * batch * seq
 
@@ -170,7 +179,7 @@ def test_activation_formula_against_saved_tensors():
             params = {p.data_ptr() for p in model.parameters()}
             storages = {}
 
-            def pack(t):
+            def pack(t, params=params, storages=storages):
                 if t.data_ptr() not in params and t.numel() != s * b * vocab:
                     storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
                 return t

@@ -16,10 +16,10 @@ kill_at = os.environ.get("FTLM_TEST_KILL_AT_SEAL")
 if kill_at:
     seal = checkpoint._seal
 
-    def _seal_or_die(tmp, step):
+    def _seal_or_die(tmp, step, *args, **kwargs):
         if step == int(kill_at):
             os.kill(os.getpid(), signal.SIGKILL)
-        seal(tmp, step)
+        seal(tmp, step, *args, **kwargs)
 
     checkpoint._seal = _seal_or_die
 

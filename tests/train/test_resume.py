@@ -64,6 +64,14 @@ def stopped(ftlm_cache, tmp_path_factory):
     return run_dir
 
 
+def wait_for(proc, output, text, timeout=240):
+    """Until a started training has written `text` to its output (failing if it exits first)."""
+    deadline = time.time() + timeout
+    while text not in output.read_text():
+        assert proc.poll() is None and time.time() < deadline, output.read_text()[-4000:]
+        time.sleep(0.2)
+
+
 def copy_run(src, dst):
     shutil.copytree(src, dst)
     return dst
@@ -73,7 +81,7 @@ def consolidated_fp32(ckpt):
     """The full fp32 weights of a ZeRO-3 checkpoint, gathered by DeepSpeed's own zero_to_fp32 (not our code)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from ftlm.train.checkpoint import weights_only_loading
+    from ftlm.checkpoint import weights_only_loading
 
     with weights_only_loading():
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
@@ -81,7 +89,7 @@ def consolidated_fp32(ckpt):
 
 def universal_state(folder):
     """Every tensor of a universal checkpoint (parameter/fp32, exp_avg, exp_avg_sq) and its optimizer state."""
-    from ftlm.train.checkpoint import weights_only_loading
+    from ftlm.checkpoint import weights_only_loading
 
     with weights_only_loading():
         tensors = {f"{f.parent.name}/{f.stem}": torch.load(f) for f in sorted((folder / "zero").glob("*/*.pt"))}
@@ -103,7 +111,7 @@ def assert_same_universal(a, b):
 
 def no_decay_weight_decay(ckpt_dir):
     """weight_decay of each param group (`no_decay`: norms, embeddings) as saved in a DeepSpeed ZeRO-3 checkpoint."""
-    from ftlm.train.checkpoint import weights_only_loading
+    from ftlm.checkpoint import weights_only_loading
 
     with weights_only_loading():
         sd = torch.load(ckpt_dir / SHARD.format("optim"))
@@ -161,7 +169,8 @@ def test_resume_on_two_ranks_from_one_exactly_on_two_and_back_to_one(ftlm_cache,
     for name, value in reference.items():
         assert torch.equal(tensors[f"{name}/fp32"].view(value.shape), value), name
     # ... and what the two ranks hold right after loading (weights, Adam moments, step) is that same state.
-    from ftlm.train.checkpoint import convert_to_universal, validate
+    from ftlm.checkpoint import validate
+    from ftlm.train.checkpoint import convert_to_universal
 
     convert_to_universal(after_two / "after_load", tmp_path / "after_two_universal")
     assert_same_universal(universal, tmp_path / "after_two_universal")
@@ -249,17 +258,14 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(ftlm_cache, tmp_path):
     overrides = COMMON + train(run_dir, "trainer.max_steps=100000", "trainer.save_interval=100000")
     proc = start(python_cmd(overrides), ftlm_cache, tmp_path / "out.txt")
     try:
-        deadline = time.time() + 240
-        while "step 3/100000" not in (tmp_path / "out.txt").read_text():
-            assert proc.poll() is None and time.time() < deadline, (tmp_path / "out.txt").read_text()[-4000:]
-            time.sleep(0.2)
+        wait_for(proc, tmp_path / "out.txt", "step 3/100000")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0, (tmp_path / "out.txt").read_text()[-4000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     out = (tmp_path / "out.txt").read_text()
-    assert "received SIGTERM: saving a checkpoint after this step, then exiting" in out
+    assert "received SIGTERM: saving a checkpoint" in out
     stopped_at = int(out.split("stopped at step ")[1].split()[0])
     assert stopped_at >= 3
     ckpt = run_dir / "checkpoints" / f"step_{stopped_at:08d}"
@@ -275,7 +281,40 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(ftlm_cache, tmp_path):
     assert resumed["train/lr"][stopped_at + 1] == pytest.approx(1e-3 * lr_multiplier(stopped_at, 2, 6, 0.1))
 
 
-# -- 5. bad input --------------------------------------------------------------------------------------------------
+# -- 5. never deleting, one training per run directory -----------------------------------------------------------
+def test_resume_never_sets_the_old_checkpoints_aside(ftlm_cache, stopped, tmp_path):
+    run_dir = copy_run(stopped, tmp_path / "run")
+    old = {p.name: (p / SHARD.format("optim")).read_bytes() for p in (run_dir / "checkpoints").glob("step_*")}
+    proc = run(python_cmd(COMMON + train(run_dir, "trainer.resume=never", "trainer.max_steps=2")), ftlm_cache)
+    (aside,) = (run_dir / "set_aside").iterdir()
+    assert aside.name.endswith("-resume-never")
+    assert f"moved them to {aside}" in proc.stdout
+    kept = {p.name: (p / SHARD.format("optim")).read_bytes() for p in (aside / "checkpoints").glob("step_*")}
+    assert kept == old  # every earlier checkpoint, byte for byte
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000002"]  # the new run's
+    assert (aside / "tokenizer.json").is_file() and (aside / "config.yaml").is_file()
+
+
+def test_a_second_training_on_the_same_run_directory_refuses(ftlm_cache, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = COMMON + train(run_dir, "trainer.max_steps=100000", "trainer.save_interval=100000")
+    first = start(python_cmd(overrides), ftlm_cache, tmp_path / "first.txt")
+    try:
+        wait_for(first, tmp_path / "first.txt", "step 1/100000")
+        second = run_status(python_cmd(overrides), ftlm_cache)
+        assert first.poll() is None  # the first one trains on, undisturbed
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=120) == 0
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    err = second.stdout + second.stderr
+    assert second.returncode != 0
+    assert f"{run_dir} is in use by another training (host " in err and f"pid {first.pid}, started" in err
+    assert "model tiny:" not in second.stdout  # refused before any work
+
+
+# -- 6. bad input --------------------------------------------------------------------------------------------------
 def test_resume_from_a_path_that_does_not_exist_fails_before_the_model_is_built(ftlm_cache, tmp_path):
     proc = run_status(
         python_cmd(COMMON + train(tmp_path / "run", f"trainer.resume={tmp_path / 'nowhere'}")), ftlm_cache
@@ -324,9 +363,43 @@ def test_checkpoint_and_tokenizer_disagreeing_is_refused(stopped, tmp_path):
         check_compatible(legacy, model_cfg, 9999)
 
 
+class Evil:
+    """Unpickling this runs a shell command (pickled as a call of os.system, so no class of ours is needed)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_in_a_checkpoint_is_never_run_by_resume(ftlm_cache, stopped, tmp_path):
+    """A checkpoint file replaced by a pickle that runs a command (its manifest entry updated to match): resuming
+    refuses it by name, without torch's advice to retry with weights_only=False, and the command never runs."""
+    from ftlm.checkpoint.format import file_checksum
+
+    run_dir = copy_run(stopped, tmp_path / "run")
+    ckpt = run_dir / "checkpoints" / "step_00000004"
+    marker = tmp_path / "pwned"
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    for name in (SHARD.format("model"), SHARD.format("optim"), "rank0_state.pt"):
+        torch.save({"state": Evil(marker)}, ckpt / name)
+        manifest["files"][name] = (ckpt / name).stat().st_size
+        manifest["checksums"][name] = file_checksum(ckpt / name)
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+    proc = run_status(python_cmd(COMMON + train(run_dir, f"trainer.max_steps={N}")), ftlm_cache)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"refusing to load {ckpt}/" in out, out[-4000:]
+    assert "trusted source" not in out and "set to `False`" not in out  # torch's advice is never passed on
+    assert not marker.exists()
+
+
 # -- bookkeeping on fake checkpoints (no training) ----------------------------------------------------------------
 def fake_checkpoint(root, step, complete=True):
-    from ftlm.train.checkpoint import _write_manifest, tag_for
+    from ftlm.checkpoint import tag_for
+    from ftlm.train.checkpoint import _write_manifest
 
     ckpt = root / tag_for(step)
     ckpt.mkdir(parents=True)
@@ -337,7 +410,8 @@ def fake_checkpoint(root, step, complete=True):
 
 
 def test_pruning_leftovers_and_a_rolled_back_run(tmp_path):
-    from ftlm.train.checkpoint import find_latest, prune, remove_unfinished, retire_newer
+    from ftlm.checkpoint import find_latest
+    from ftlm.train.checkpoint import prune, remove_unfinished, retire_newer
 
     root = tmp_path / "checkpoints"
     for step in (10, 20, 30, 40):
@@ -356,9 +430,11 @@ def test_pruning_leftovers_and_a_rolled_back_run(tmp_path):
     remove_unfinished(root)
     assert not (root / "step_00000060.tmp").exists() and broken.is_dir()
 
-    # Rolled back to step 30 and saved step 35: the later 40 and 50 must not be what resume=auto picks next.
+    # Rolled back to step 30 and saved step 35: the later 40 and 50 must not be what resume=auto picks next,
+    # and are kept (moved aside into a folder of their own), not deleted.
     fake_checkpoint(root, 35)
-    retire_newer(root, 35)
+    dest = retire_newer(root, 35)
     assert find_latest(root) == root / "step_00000035"
-    assert (root / "superseded_step_00000040" / "shard.pt").is_file()
-    assert (root / "superseded_step_00000050").is_dir()
+    assert dest.parent == tmp_path / "set_aside"
+    assert (dest / "checkpoints" / "step_00000040" / "shard.pt").is_file()
+    assert (dest / "checkpoints" / "step_00000050").is_dir()

@@ -21,39 +21,22 @@ import os
 import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from ftlm.model import GPT, GPTConfig
-from ftlm.train import checkpoint as ckpt_files
+from . import format as ckpt_files
+from .format import ARCH_KEYS, RUNTIME_KEYS, TRAINER_STATE, CheckpointError, TrainerState, arch_values
+
+if TYPE_CHECKING:
+    from ftlm.model import GPT, GPTConfig
 
 log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
 CONFIG = "ftlm_config.json"
 TOKENIZER = "tokenizer.json"
-# Keys that fix the weights' shapes or the function the model computes. The rest (name, attn_impl,
-# norm_impl, dropout, init_std, max_seq_len) may differ between training and use.
-ARCH_KEYS = (
-    "vocab_size",
-    "n_layer",
-    "n_head",
-    "n_kv_heads",
-    "d_model",
-    "d_ff",
-    "norm",
-    "norm_eps",
-    "mlp",
-    "rope_theta",
-    "tie_embeddings",
-    "bias",
-)
-RUNTIME_KEYS = ("attn_impl", "norm_impl", "max_seq_len")
 SOURCE_HELP = "a run directory, a checkpoint (checkpoints/step_XXXXXXXX) or an ftlm-export directory"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or export that cannot be used as asked; the message says which file and why."""
 
 
 @dataclass
@@ -83,10 +66,12 @@ def locate(path: str | Path) -> Source:
         raise FileNotFoundError(f"{p} does not exist (expected {SOURCE_HELP})")
     if p.is_dir() and (p / WEIGHTS).is_file() and (p / CONFIG).is_file():
         return _export_source(p)
+    if p.is_dir() and (p / "ftlm" / WEIGHTS).is_file() and (p / "ftlm" / CONFIG).is_file():
+        return _export_source(p / "ftlm")  # ftlm-export's layout: the Hugging Face model in p, ftlm's files in p/ftlm
     if p.is_dir() and (p / "checkpoints").is_dir():
         return _checkpoint_source(_newest(p / "checkpoints"), p / TOKENIZER)
     if p.is_dir() and (
-        (p / ckpt_files.MANIFEST).exists() or (p / "trainer_state.json").exists() or ckpt_files.TAG_RE.match(p.name)
+        (p / ckpt_files.MANIFEST).exists() or (p / TRAINER_STATE).exists() or ckpt_files.TAG_RE.match(p.name)
     ):
         own = p / TOKENIZER
         return _checkpoint_source(p, own if own.is_file() else p.parent.parent / TOKENIZER)
@@ -94,8 +79,8 @@ def locate(path: str | Path) -> Source:
         return _checkpoint_source(_newest(p), p.parent / TOKENIZER)
     if p.is_dir() and (p / "config.json").is_file() and (p / WEIGHTS).is_file():
         raise CheckpointError(
-            f"{p} is a Hugging Face model directory; load it with transformers "
-            "(AutoModelForCausalLM.from_pretrained), or pass the ftlm export directory above it"
+            f"{p} is a Hugging Face model directory: convert it once with `ftlm-import {p} OUT` (or start training "
+            "from it with trainer.init_from), or load it with transformers (AutoModelForCausalLM.from_pretrained)"
         )
     if p.is_dir() and (p / WEIGHTS).is_file():
         raise CheckpointError(f"{p} has {WEIGHTS} but no {CONFIG}: was it written by ftlm-export?")
@@ -106,30 +91,25 @@ def locate(path: str | Path) -> Source:
 
 
 def _newest(root: Path) -> Path:
-    found = ckpt_files.find_latest(root)  # warns about each torn checkpoint it passes over
+    found = ckpt_files.find_latest(root, checksums=True)  # warns about each broken one it passes over
     if found is None:
         raise CheckpointError(f"no complete checkpoint under {root}")
     return found
 
 
 def _checkpoint_source(ckpt: Path, tokenizer_path: Path) -> Source:
-    problem = ckpt_files.validate(ckpt)
+    problem = ckpt_files.validate(ckpt, checksums=True)
     if problem:
         raise CheckpointError(f"checkpoint {ckpt} is not usable: {problem}")
-    state_file = ckpt / "trainer_state.json"
-    try:
-        state = json.loads(state_file.read_text())
-        config = state["model_config"]
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{state_file}: cannot read the model config ({type(e).__name__}: {e})") from None
+    state = TrainerState.from_file(ckpt / TRAINER_STATE)
     return Source(
         "checkpoint",
         ckpt,
         tokenizer_path,
-        _config_from(config, state_file),
-        state.get("step"),
-        state.get("tokenizer_vocab"),
-        state.get("tokenizer_sha256"),
+        _config_from(state.model_config, ckpt / TRAINER_STATE),
+        state.step,
+        state.tokenizer_vocab,
+        state.tokenizer_sha256,
     )
 
 
@@ -152,6 +132,8 @@ def _export_source(d: Path) -> Source:
 
 
 def _config_from(values: dict, where: Path) -> GPTConfig:
+    from ftlm.model import GPTConfig
+
     # The kernels a run trained with (flash_attn, triton) may not exist where the model is used: pick afresh.
     values = {**values, "attn_impl": "auto", "norm_impl": "auto"}
     try:
@@ -168,7 +150,7 @@ def read_expected_config(path: str | Path) -> dict:
     if not p.is_file():
         raise FileNotFoundError(f"--config: {p} does not exist")
     try:
-        node = OmegaConf.load(p)
+        node = _load_composed(p, OmegaConf, DictConfig)
         if isinstance(node, DictConfig) and isinstance(node.get("model"), DictConfig):
             node = node.model  # a whole config, such as a run's config.yaml
         values = OmegaConf.to_container(node, resolve=True)
@@ -179,8 +161,33 @@ def read_expected_config(path: str | Path) -> dict:
     return values
 
 
+def _load_composed(p: Path, OmegaConf, DictConfig, seen: tuple = ()):
+    """A YAML file with its `defaults:` list applied the way Hydra composes a config group: each named sibling
+    file (`base` -> base.yaml beside it) merged in order, `_self_` where the file itself goes; `schema` (the
+    typed node registered in Hydra's ConfigStore) adds no values and is skipped."""
+    if p in seen:
+        raise ValueError(f"{p}: defaults list includes itself")
+    node = OmegaConf.load(p)
+    if not isinstance(node, DictConfig) or "defaults" not in node:
+        return node
+    defaults = list(node.pop("defaults") or [])
+    if "_self_" not in defaults:
+        defaults.append("_self_")
+    merged = OmegaConf.create({})
+    for entry in defaults:
+        if entry == "_self_":
+            merged = OmegaConf.merge(merged, node)
+        elif isinstance(entry, str) and entry != "schema":
+            merged = OmegaConf.merge(
+                merged, _load_composed(p.with_name(f"{entry}.yaml"), OmegaConf, DictConfig, (*seen, p))
+            )
+    return merged
+
+
 def check_config(found: GPTConfig, expected: GPTConfig | dict, where: Path) -> None:
     """Raise naming every architecture key on which `expected` (what the user passed) and the checkpoint differ."""
+    from ftlm.model import GPTConfig
+
     exp = asdict(expected) if isinstance(expected, GPTConfig) else dict(expected)
     known = {f.name for f in fields(GPTConfig)}
     unknown = sorted(set(exp) - known)
@@ -196,10 +203,9 @@ def check_config(found: GPTConfig, expected: GPTConfig | dict, where: Path) -> N
         resolved = GPTConfig(**merged)
     except ValueError as e:
         raise CheckpointError(f"the given model config is not valid: {e}") from None
+    have, given = arch_values(found), arch_values(resolved)
     diffs = [
-        f"model.{k}: checkpoint has {getattr(found, k)!r}, given config has {getattr(resolved, k)!r}"
-        for k in ARCH_KEYS
-        if getattr(found, k) != getattr(resolved, k)
+        f"model.{k}: checkpoint has {have[k]!r}, given config has {given[k]!r}" for k in have if have[k] != given[k]
     ]
     if diffs:
         raise CheckpointError(f"{where} was made by another model config:\n  " + "\n  ".join(diffs))
@@ -287,6 +293,8 @@ def read_state_dict(source: Source) -> dict[str, torch.Tensor]:
 
 def check_state_dict(state: dict, cfg: GPTConfig, where: Path) -> None:
     """Every parameter the config needs is there with its shape, and nothing else is."""
+    from ftlm.model import GPT
+
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}
     missing = sorted(set(expected) - set(state))
@@ -309,6 +317,8 @@ def check_state_dict(state: dict, cfg: GPTConfig, where: Path) -> None:
 
 def build_model(cfg: GPTConfig, state: dict[str, torch.Tensor], device="cpu", dtype=torch.float32) -> GPT:
     """A GPT holding `state`, without spending time on a random initialisation first."""
+    from ftlm.model import GPT
+
     with torch.device("meta"):
         model = GPT(cfg)
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True, strict=True)
@@ -328,6 +338,8 @@ def load(
     architecture key that differs is named. runtime: attn_impl, norm_impl or max_seq_len to use instead of the
     stored ones.
     """
+    from ftlm.model import GPTConfig
+
     source = locate(path)
     if expected_config is not None:
         if isinstance(expected_config, (str, Path)):
@@ -350,14 +362,6 @@ def load(
         tokenizer.vocab_size,
     )
     return Loaded(model, tokenizer, source)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
-    return torch.device(name)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -1,0 +1,199 @@
+"""ftlm-import / load_pretrained: parity with transformers, import -> export round trips, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hf_models import hf_logits, llama, neox
+from safetensors.torch import load_file, save_file
+
+from ftlm.checkpoint import build_model, load
+from ftlm.eval.generate import generate
+from ftlm.export import export
+from ftlm.hf import HFImportError, import_model, load_pretrained
+from ftlm.hf import importer as importer_mod
+from ftlm.hf.importer import main as import_main
+
+CASES = {
+    # Llama 2/3 / Mistral style: grouped-query attention, rope_theta, untied head
+    "llama_gqa_untied": (llama, "sp", {}),
+    "llama_tied_bias": (
+        llama,
+        "sp",
+        dict(tie_word_embeddings=True, num_key_value_heads=4, attention_bias=True, mlp_bias=True, rope_theta=1e4),
+    ),
+    "mistral": (llama, "sp", dict(architectures=["MistralForCausalLM"])),
+    # Polyglot-Ko style: rotary over half the head, parallel residual, biases, untied, exact GELU
+    "neox_polyglot": (neox, "bl", {}),
+    "neox_sequential_tanh": (
+        neox,
+        "bl",
+        dict(use_parallel_residual=False, hidden_act="gelu_new", rotary_pct=0.25, attention_bias=False),
+    ),
+}
+
+
+def make(case, tmp_path, sp_tokenizer_json, bytelevel_tokenizer_json, seed=0):
+    build, tok, overrides = CASES[case]
+    overrides = dict(overrides)
+    archs = overrides.pop("architectures", None)
+    path = build(tmp_path / case, sp_tokenizer_json if tok == "sp" else bytelevel_tokenizer_json, seed, **overrides)
+    if archs:  # same weights and keys, another architecture name (MistralForCausalLM has Llama's layout)
+        cfg = json.loads((path / "config.json").read_text())
+        cfg.update(architectures=archs, model_type="mistral", sliding_window=None)
+        (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_import_parity_fp32(case, tmp_path, sp_tokenizer_json, bytelevel_tokenizer_json):
+    src = make(case, tmp_path, sp_tokenizer_json, bytelevel_tokenizer_json, seed=len(case))
+    cfg, state, tokenizer_path = load_pretrained(src)
+    assert tokenizer_path == src / "tokenizer.json"
+    model = build_model(cfg, state)
+    assert model.num_params() == cfg.num_params()
+    ids = torch.randint(0, 700, (2, 19), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, _ = model(ids)
+    theirs, hf = hf_logits(src, ids)
+    assert ours.abs().max() > 1.0  # not a comparison of near-zero numbers
+    err = (ours - theirs).abs().max().item()
+    print(f"{case}: max |ftlm - transformers| = {err:.2e} ({type(hf).__name__})")
+    assert err <= 1e-4
+    if "neox" in case:
+        assert cfg.parallel_residual == hf.config.use_parallel_residual
+        assert cfg.rotary_pct == hf.config.rotary_pct and cfg.gelu_approx == (
+            "none" if case == "neox_polyglot" else "tanh"
+        )
+
+
+@pytest.mark.parametrize("case", ["llama_gqa_untied", "llama_tied_bias", "neox_polyglot"])
+def test_import_then_export_gives_the_same_tensors_and_generation(
+    case, tmp_path, sp_tokenizer_json, bytelevel_tokenizer_json
+):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    src = make(case, tmp_path, sp_tokenizer_json, bytelevel_tokenizer_json)
+    imported = tmp_path / "imported"
+    assert import_main([str(src), str(imported)]) == 0
+    assert {p.name for p in imported.iterdir()} == {"model.safetensors", "ftlm_config.json", "tokenizer.json"}
+    assert (imported / "tokenizer.json").read_text() == (src / "tokenizer.json").read_text()
+    loaded = load(imported)  # what ftlm-generate and ftlm-eval do with the directory
+
+    out = tmp_path / "export"
+    export(imported, out, dtype="fp32")
+    original, back = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
+    assert back.keys() == original.keys()
+    for k in original:
+        assert torch.equal(back[k], original[k]), k
+    a, b = AutoConfig.from_pretrained(src), AutoConfig.from_pretrained(out)
+    assert b.architectures == a.architectures
+    keys = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+            "tie_word_embeddings", "hidden_act"]  # fmt: skip
+    keys += (
+        ["rotary_pct", "use_parallel_residual", "rotary_emb_base", "layer_norm_eps"]
+        if "neox" in case
+        else ["num_key_value_heads", "rope_theta", "rms_norm_eps", "attention_bias", "mlp_bias"]
+    )
+    assert {k: getattr(b, k) for k in keys} == {k: getattr(a, k) for k in keys}
+
+    # greedy generation: transformers on the source, ftlm on the import, transformers on the export
+    prompt = [5, 17, 42, 99, 7]
+    ours = list(generate(loaded.model, prompt, 12))
+    hf_src = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    hf_out = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    kw = dict(max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    theirs = hf_src.generate(torch.tensor([prompt]), **kw)[0, len(prompt) :].tolist()
+    again = hf_out.generate(torch.tensor([prompt]), **kw)[0, len(prompt) :].tolist()
+    assert ours == theirs == again
+
+
+def test_sharded_safetensors_import_and_a_missing_shard(tmp_path, sp_tokenizer_json):
+    from transformers import LlamaForCausalLM
+
+    src = llama(tmp_path / "one", sp_tokenizer_json)
+    sharded = tmp_path / "sharded"
+    LlamaForCausalLM.from_pretrained(src).save_pretrained(sharded, max_shard_size="100KB")
+    (sharded / "tokenizer.json").write_text(sp_tokenizer_json)
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2
+    _, a, _ = load_pretrained(src)
+    _, b, _ = load_pretrained(sharded)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    (sharded / shards[1]).unlink()
+    with pytest.raises(HFImportError, match=f"shard file.*{shards[1]}"):
+        load_pretrained(sharded)
+
+
+@pytest.fixture
+def no_weight_reads(monkeypatch):
+    """Every bad input must be refused before a weight is read."""
+
+    def refuse(*a, **k):
+        raise AssertionError("weights were read before the input was checked")
+
+    monkeypatch.setattr(importer_mod, "read_hf_state_dict", refuse)
+
+
+def _edit_config(path, **changes):
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(changes)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_bad_inputs_are_named_before_weights_are_read(tmp_path, sp_tokenizer_json, no_weight_reads, capsys):
+    src = llama(tmp_path / "m", sp_tokenizer_json)
+
+    _edit_config(src, architectures=["GPT2LMHeadModel"])
+    with pytest.raises(HFImportError, match="GPT2LMHeadModel is not supported.*LlamaForCausalLM.*GPTNeoXForCausalLM"):
+        import_model(src, tmp_path / "out")
+    assert import_main([str(src), str(tmp_path / "out")]) == 1
+    assert "GPT2LMHeadModel" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+    _edit_config(src, architectures=["LlamaForCausalLM"], rope_scaling={"rope_type": "llama3", "factor": 8.0})
+    with pytest.raises(HFImportError, match="rope_scaling.*llama3.*not supported"):
+        load_pretrained(src)
+    _edit_config(src, rope_scaling={"rope_type": "default"})  # plain rotary under another name is fine
+    importer_mod.inspect(src)
+
+    _edit_config(src, vocab_size=800)  # the tokenizer has 859 tokens
+    with pytest.raises(HFImportError, match="859 tokens but config.json has vocab_size=800"):
+        load_pretrained(src)
+    _edit_config(src, vocab_size=896)
+
+
+def test_missing_weights_and_pickles_are_refused(tmp_path, sp_tokenizer_json, no_weight_reads):
+    src = llama(tmp_path / "m", sp_tokenizer_json)
+    weights = load_file(src / "model.safetensors")
+    gone = ["model.layers.1.self_attn.k_proj.weight", "lm_head.weight"]
+    save_file({k: v for k, v in weights.items() if k not in gone}, str(src / "model.safetensors"))
+    with pytest.raises(HFImportError, match="2 missing: lm_head.weight, model.layers.1.self_attn.k_proj.weight"):
+        load_pretrained(src)
+
+    partial = {k: v for k, v in weights.items()}
+    partial["model.layers.0.mlp.up_proj.weight"] = partial["model.layers.0.mlp.up_proj.weight"][:8]
+    save_file(partial, str(src / "model.safetensors"))
+    with pytest.raises(HFImportError, match=r"wrong shape: model.layers.0.mlp.up_proj.weight: \(8, 64\)"):
+        load_pretrained(src)
+
+    (src / "model.safetensors").unlink()
+    torch.save(weights, src / "pytorch_model.bin")
+    with pytest.raises(HFImportError, match="pytorch_model.bin.*never unpickles"):
+        load_pretrained(src)
+
+
+def test_load_pretrained_reads_ftlm_directories_too(tmp_path, bytelevel_tokenizer_json):
+    src = neox(tmp_path / "neox", bytelevel_tokenizer_json)
+    cfg, state, _ = load_pretrained(src)
+    imported = import_model(src, tmp_path / "ftlm")
+    cfg2, state2, tok2 = load_pretrained(imported)
+    assert cfg2 == cfg and tok2 == imported / "tokenizer.json"
+    assert state2.keys() == state.keys() and all(torch.equal(state[k], state2[k]) for k in state)
+    exported = tmp_path / "export"
+    export(imported, exported, dtype="fp32")
+    cfg3, state3, _ = load_pretrained(exported)  # an export: the ftlm files in export/ftlm win over the HF ones
+    assert cfg3 == cfg and all(torch.equal(state[k], state3[k]) for k in state)
