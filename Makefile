@@ -36,11 +36,15 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Two pytest workers (pytest-xdist), one test file each at a time: most tests start processes that spend their time
+# importing torch on one core. TEST_WORKERS=1 runs them serially.
+TEST_WORKERS ?= 2
+
 test: install lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 test-fast: install
-	$(PY) -m pytest -q tests -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests -m "not slow"
 
 bench: install
 	$(PY) benchmarks/kernels.py

@@ -56,12 +56,14 @@ def test_staged_training_from_a_hugging_face_model_on_two_ranks(ftlm_cache, llam
         f"trainer.init_from={llama_dir}",
         "trainer.train_only=embeddings",
         "trainer.unfreeze_at=3",
-        "trainer.max_steps=5",
+        "data.mix.ko=0.9",  # continued pretraining on Korean, a little English replayed
+        "data.mix.en=0.1",
+        "trainer.max_steps=16",
         "trainer.log_interval=1",
-        "trainer.eval_interval=5",
+        "trainer.eval_interval=16",
         "trainer.save_interval=3",
-        "trainer.keep_last=5",
-        "trainer.lr=1e-2",
+        "trainer.keep_last=10",
+        "trainer.lr=3e-3",
         "trainer.warmup_steps=1",
         f"trainer.out_dir={run_dir}",
     ]
@@ -72,21 +74,22 @@ def test_staged_training_from_a_hugging_face_model_on_two_ranks(ftlm_cache, llam
 
     _, source, _ = load_pretrained(llama_dir)
     at3 = consolidated(run_dir / "checkpoints" / "step_00000003")
-    at5 = consolidated(run_dir / "checkpoints" / "step_00000005")
+    last = consolidated(run_dir / "checkpoints" / "step_00000016")
     assert sorted(at3) == sorted(source)
     for name, value in source.items():
         if name in ROWS:
             assert not torch.equal(at3[name], value.float()), f"{name} did not train"
         else:  # frozen until step 3, bit for bit, on both ranks' partitions
             assert torch.equal(at3[name], value.float()), f"{name} moved while frozen"
-    moved = [n for n in source if n not in ROWS and not torch.equal(at5[n], at3[n])]
+    moved = [n for n in source if n not in ROWS and not torch.equal(last[n], at3[n])]
     assert len(moved) == len(source) - len(ROWS)  # unfrozen after step 3: everything trains
 
     # The forgetting monitor: bpb per stream at step 0, the relative change at each validation and at the end.
     tb = scalars(run_dir)
     for stream in ("ko", "en"):
         assert 0 in tb[f"val/{stream}/bpb"]
-        assert sorted(tb[f"val/{stream}/bpb_delta"]) == [5]
+        assert sorted(tb[f"val/{stream}/bpb_delta"]) == [16]
+    assert tb["val/ko/bpb"][16] < tb["val/ko/bpb"][0], tb["val/ko/bpb"]  # the continued run learns Korean
     assert "forgetting (relative change of bits per byte since step 0):" in log
     # Started from the Hugging Face tokenizer, unchanged.
     assert (run_dir / "tokenizer.json").read_bytes() == (llama_dir / "tokenizer.json").read_bytes()
