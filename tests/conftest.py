@@ -30,6 +30,26 @@ def _interpret_triton_without_a_gpu():
 _interpret_triton_without_a_gpu()
 
 
+_PROCESS_GROUP_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def no_process_group_env_leaks():
+    """A test that leaves RANK, LOCAL_RANK, ... in pytest's environment makes the tests after it on the same worker
+    look like a distributed job to accelerate and lm-eval (which then wait for a rendezvous that never comes): such
+    a test fails here, by name, and the variables are put back."""
+    before = {k: os.environ.get(k) for k in _PROCESS_GROUP_ENV}
+    yield
+    after = {k: os.environ.get(k) for k in _PROCESS_GROUP_ENV}
+    changed = {k: v for k, v in after.items() if v != before[k]}
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    assert not changed, f"the test left process-group variables in the environment: {changed}"
+
+
 @pytest.fixture(autouse=True)
 def one_torch_thread():
     """The test models are tiny: one thread is fastest for them, and spares the cores that the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import socket
@@ -64,6 +65,24 @@ def init_distributed(device_name: str) -> Dist:
         node_rank=rank // max(1, local_world),
         device=device,
     )
+
+
+def shutdown_distributed(at_exit: bool = False) -> None:
+    """Wait for every rank, then leave the process group (now, or when the process exits: a Hydra sweep trains its
+    next job in this process, and DeepSpeed keeps its groups for it). A rank that exits while a peer still talks to
+    it can abort in teardown ("terminate called without an active exception", SIGABRT), and the launcher then
+    reports a finished job as failed. Call it only where every rank arrives: after a failure it would wait forever."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    torch.distributed.barrier()
+    if not at_exit:
+        torch.distributed.destroy_process_group()
+    elif not _leave_at_exit:
+        _leave_at_exit.append(True)
+        atexit.register(lambda: torch.distributed.is_initialized() and torch.distributed.destroy_process_group())
+
+
+_leave_at_exit: list[bool] = []
 
 
 def skip_cpu_inference_comm_build() -> None:

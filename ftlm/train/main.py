@@ -28,7 +28,14 @@ from ftlm.model import GPTConfig
 from ftlm.train import checkpoint
 from ftlm.train.components import Bench, Checkpointer, Forgetting, Sampler, StopSignal, Validator
 from ftlm.train.config import DeepSpeedConfig, TrainerConfig, check_trainer_config, typed
-from ftlm.train.engine import build_ds_config, build_engine, build_model, init_distributed, resolve_precision
+from ftlm.train.engine import (
+    build_ds_config,
+    build_engine,
+    build_model,
+    init_distributed,
+    resolve_precision,
+    shutdown_distributed,
+)
 from ftlm.train.init_from import (
     continued_config,
     explicit_model_overrides,
@@ -79,7 +86,9 @@ def train(cfg) -> dict:
     lock = RunLock(run_dir)
     try:
         hold(lock, d)  # before anything reads the run directory: one training per run directory
-        return Trainer(cfg, t, ds, run_dir, d).train()
+        history = Trainer(cfg, t, ds, run_dir, d).train()
+        shutdown_distributed(at_exit=True)  # every rank got here; a failure skips it (its barrier would wait)
+        return history
     finally:
         lock.release()
         close_logging()

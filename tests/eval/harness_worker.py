@@ -24,7 +24,7 @@ def main(model_dir: str, tasks_dir: str, out: str) -> None:
     from ftlm.checkpoint import load
     from ftlm.config import compose
     from ftlm.eval import harness
-    from ftlm.train.engine import build_ds_config, build_engine, build_model, init_distributed
+    from ftlm.train.engine import build_ds_config, build_engine, build_model, init_distributed, shutdown_distributed
 
     loaded = load(model_dir)  # the config and tokenizer; the engine starts from its own random weights
     small = ["micro_batch_size=2", "grad_accum=1", "seq_len=32", "warmup_steps=0", "max_steps=2"]
@@ -47,6 +47,7 @@ def main(model_dir: str, tasks_dir: str, out: str) -> None:
             save_file(weights, str(Path(out) / "weights.safetensors"))
     if d.rank == 0:
         (Path(out) / "ranks.json").write_text(json.dumps(gathered))
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def main(run_dir: Path, extra: list[str]) -> None:
     from ftlm.config import compose
     from ftlm.model import GPTConfig
     from ftlm.train import checkpoint
-    from ftlm.train.engine import build_ds_config, build_engine, build_model, init_distributed
+    from ftlm.train.engine import build_ds_config, build_engine, build_model, init_distributed, shutdown_distributed
 
     run_dir.mkdir(parents=True, exist_ok=True)
     n_vocab = train_tokenizer(run_dir / "tokenizer.json")
@@ -91,6 +91,7 @@ def main(run_dir: Path, extra: list[str]) -> None:
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
         reference = {k: v.detach().clone().contiguous() for k, v in engine.module.state_dict().items()}
     save_file(reference, str(run_dir / "reference_weights.safetensors"))
+    shutdown_distributed()
     print(json.dumps({"run_dir": str(run_dir), "vocab": n_vocab}))
 
 

@@ -21,6 +21,7 @@ def main(out: str, stage: int, threshold: int) -> None:
 
     from ftlm.hf import FrozenWeights
     from ftlm.model import GPT, GPTConfig
+    from ftlm.train.engine import shutdown_distributed
 
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo")
@@ -92,6 +93,7 @@ def main(out: str, stage: int, threshold: int) -> None:
     if rank == 0:
         with open(out, "w") as f:
             json.dump({"frozen": frozen_stage, "unfrozen": unfrozen, "world": torch.distributed.get_world_size()}, f)
+    shutdown_distributed()
 
 
 class _nothing:

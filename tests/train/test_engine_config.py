@@ -1,4 +1,5 @@
 import math
+import os
 
 import pytest
 import torch
@@ -72,15 +73,18 @@ def test_schedule_warmup_cosine_floor():
 
 
 @pytest.mark.parametrize(
-    "argv,expected",
+    "argv,expected,local_rank",
     [
-        (["prog", "--local_rank=1", "model=tiny"], ["prog", "model=tiny"]),
-        (["prog", "model=tiny", "--local_rank", "3"], ["prog", "model=tiny"]),
-        (["prog", "--local-rank=0", "trainer.lr=1e-3"], ["prog", "trainer.lr=1e-3"]),
+        (["prog", "--local_rank=1", "model=tiny"], ["prog", "model=tiny"], "1"),
+        (["prog", "model=tiny", "--local_rank", "3"], ["prog", "model=tiny"], "3"),
+        (["prog", "--local-rank=0", "trainer.lr=1e-3"], ["prog", "trainer.lr=1e-3"], "0"),
     ],
 )
-def test_launcher_local_rank_never_reaches_hydra(argv, expected):
+def test_launcher_local_rank_never_reaches_hydra(argv, expected, local_rank, monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "")  # recorded first, so monkeypatch restores the variable as it was
+    monkeypatch.delenv("LOCAL_RANK")
     assert strip_launcher_args(argv) == expected
+    assert os.environ["LOCAL_RANK"] == local_rank  # kept where torch.distributed looks for it
 
 
 @pytest.mark.parametrize("key,value", [("max_steps", 0), ("micro_batch_size", -1), ("lr", 0), ("min_lr_ratio", 2)])
