@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one core per worker, so per-worker figures mean that
 
 LOADER_TARGET = 300_000
+ENCODE_TARGET = 10  # MB/s of input per tokenize worker (issue 15)
 CORES_PER_NODE = 64  # for the cluster projection: a typical CPU node
 PROJECT_TB, PROJECT_NODES = 1.0, 16
 
@@ -106,6 +107,68 @@ def run_stages(cfg: dict, executor_name: str, workers: int, work: Path) -> dict:
     }
 
 
+def zipf_texts(megabytes: float, seed: int = 0, vocabulary: int = 300_000) -> list[str]:
+    """Korean-like text with a realistic share of new words: words drawn by Zipf's law (exponent 1.05) from a large
+    vocabulary of random Hangul stems (1-4 syllables, a particle on most), so that a word table keeps missing, as it
+    does on real web text (the embedded corpus repeats a few paragraphs, which flatters the table)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 5, size=vocabulary)
+    syllables = rng.integers(0xAC00, 0xD7A4, size=int(lengths.sum()))
+    stems, at = [], 0
+    for n in lengths.tolist():
+        stems.append("".join(map(chr, syllables[at : at + n].tolist())))
+        at += n
+    particles = ["", "은", "는", "이", "가", "을", "를", "의", "에", "에서", "으로", "와", "도", "만", "까지"]
+    texts, size = [], 0
+    while size < megabytes * 1e6:
+        ranks = rng.zipf(1.05, size=int(rng.integers(200, 600)))
+        ranks = ranks[ranks <= vocabulary] - 1
+        words = [stems[r] + particles[r % len(particles)] for r in ranks.tolist()]
+        for i in range(11, len(words), 12):
+            words[i] += "." if i % 36 else ".\n"
+        text = " ".join(words)
+        texts.append(text)
+        size += len(text.encode("utf-8"))
+    return texts
+
+
+def encoder_rows(tokenizer_path: str, corpora: dict[str, list[str]]) -> list[dict]:
+    """The tokenize stage's encoder (ftlm/data/encode.py, a table of units) vs the tokenizers library's batch encode,
+    one core each, the table starting empty; the ids are checked equal."""
+    import numpy as np
+
+    from ftlm.data import pipeline
+    from ftlm.data.encode import FastEncoder
+
+    tokenizer = pipeline._tokenizer(tokenizer_path)  # as a tokenize worker has it (no redundant NFC)
+    rows = []
+    for name, texts in corpora.items():
+        chunks = [texts[i : i + pipeline.CHUNK_DOCS] for i in range(0, len(texts), pipeline.CHUNK_DOCS)]
+        t = time.process_time()
+        theirs = [e.ids for c in chunks for e in tokenizer.backend.encode_batch(c, add_special_tokens=False)]
+        library_s = time.process_time() - t
+        encoder = FastEncoder(tokenizer)
+        t = time.process_time()
+        ours = [ids for c in chunks for ids in encoder.encode_batch(c)]
+        fast_s = time.process_time() - t
+        assert all(np.array_equal(a, b) for a, b in zip(ours, theirs)), f"{name}: ids differ from the library's"
+        mb = sum(len(x.encode("utf-8")) for x in texts) / 1e6
+        stats = encoder.stats
+        rows.append(
+            {
+                "corpus": name,
+                "mb": mb,
+                "library": mb / library_s,
+                "fast": mb / fast_s,
+                "miss": stats["unit_misses"] / max(stats["units"], 1),
+                "fallback": stats["fallback_texts"] / max(stats["texts"], 1),
+            }
+        )
+    return rows
+
+
 def loader_throughput(cfg: dict, seq_len: int, micro_batch: int, batches: int) -> float:
     from ftlm.data.stream import build_train_loader
 
@@ -177,6 +240,8 @@ def main() -> None:
                 cfg = config(sources, n, args.vocab, prepared.tokenizer_path)
                 rows.append(run_stages(cfg, name, n, work / f"{name}{n}"))
                 shutil.rmtree(work / f"{name}{n}", ignore_errors=True)
+        synthetic = [json.loads(line)["text"] for ps in sources.values() for p in ps for line in open(p)]
+        encoders = encoder_rows(prepared.tokenizer_path, {"synthetic": synthetic, "zipf": zipf_texts(args.mb / 2)})
         loader_cfg = dict(base, out_dir=str(work / "prepared"), cache_dir=str(work / "cache"))
         loader_tps = loader_throughput(loader_cfg, 2048, 8, 4 if args.smoke else 100)
     finally:
@@ -207,6 +272,16 @@ def main() -> None:
         )
     for name in executors:
         print(projection([r for r in rows if r["executor"] == name]))
+    print(f"\ntokenize encoder, one core, MB/cpu-s (target {ENCODE_TARGET} MB/s per worker), ids checked equal")
+    header = f"{'corpus':>10} {'MB':>6} {'library':>8} {'ftlm':>8} {'speed-up':>8} {'unit misses':>11} "
+    header += f"{'library texts':>13}"
+    print(header)
+    print("-" * len(header))
+    for r in encoders:
+        print(
+            f"{r['corpus']:>10} {r['mb']:>6.1f} {r['library']:>8.2f} {r['fast']:>8.2f} "
+            f"{r['fast'] / r['library']:>8.2f} {r['miss']:>11.3f} {r['fallback']:>13.3f}"
+        )
     verdict = "OK" if loader_tps >= LOADER_TARGET else "BELOW TARGET"
     print(
         f"\nstreaming loader (seq 2048, micro-batch 8, one rank, main process): {loader_tps:,.0f} tokens/s "

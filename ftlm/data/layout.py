@@ -35,6 +35,7 @@ STATS_FILE = "stats.json"
 TOKENIZER_FILE = "tokenizer.json"
 POINTER_FILE = "latest.json"
 TMP_DIR, LOCKS_DIR, TRASH_DIR = "tmp", "locks", "trash"
+TASKS_PREFIX = "tasks-"  # tmp/tasks-<fingerprint>: finished tasks of an unfinished preparation, for its rerun
 # The data.* keys that shape the prepared output; stats.json keeps them under "settings".
 PREPARATION_KEYS = (
     "sources",

@@ -35,14 +35,15 @@ import numpy as np
 from . import corpus, dedup
 from .clean import CleanConfig, QualityFilter, normalize
 from .dedup import DedupConfig
+from .encode import FastEncoder
 from .executor import make_executor
+from .layout import TOKENIZER_FILE, expand_path
 from .shards import SPLITS, SplitWriter, split_dir, token_dtype, write_json_atomic
 from .sources import EXAMPLES_PER_ISSUE, InputIssues, read_documents, resolve_files
 from .tokenizer import Tokenizer, add_special_tokens, extend_tokenizer, train_tokenizer
 
 logger = logging.getLogger(__name__)
 
-TOKENIZER_FILE = "tokenizer.json"
 STATE_DIR = ".pipeline"  # default resumable state below the work directory
 STATE_VERSION = 1  # bump when a change here changes what the tasks write for the same inputs
 CHUNK_DOCS = 512  # documents processed together inside a task (one numpy / batch-encode call)
@@ -50,10 +51,6 @@ CHUNK_CHARS = 1 << 22  # ... or fewer, when they are long
 # Test-only fault injection: "<stage>:<task>" kills that task's worker on its first attempt (a worker dying);
 # "stop:<stage>:<n>" kills this process after n tasks of that stage finished (a preparation killed half-way).
 FAULT_ENV = "FTLM_PIPELINE_FAULT"
-
-
-def expand_path(path: str) -> str:
-    return os.path.abspath(os.path.expanduser(str(path)))
 
 
 # -- worker-side caches (per process: built on first use, reused by every task the process runs) -------------------
@@ -90,6 +87,15 @@ def _tokenizer(path: str) -> Tokenizer:
             kwargs = {k: model[k] for k in options if model.get(k) is not None}
             backend.model = models.BPE(model["vocab"], merges, cache_capacity=BPE_CACHE_WORDS, **kwargs)
         _CACHE[key] = tokenizer
+    return _CACHE[key]
+
+
+def _encoder(path: str) -> FastEncoder:
+    """The tokenize stage's encoder for the tokenizer at `path`; its table of units is kept for the process's tasks."""
+    key = ("encoder", path, os.path.getmtime(path))
+    if key not in _CACHE:
+        tokenizer = _tokenizer(path)
+        _CACHE[key] = FastEncoder(tokenizer, token_dtype(tokenizer.vocab_size))
     return _CACHE[key]
 
 
@@ -267,7 +273,7 @@ def tokenize_task(
     key = str(task)
     cpu = _begin(state, "tokenize", key)
     tokenizer = _tokenizer(tokenizer_path)
-    dtype = token_dtype(tokenizer.vocab_size)
+    encoder = _encoder(tokenizer_path)
     folders = {split: os.path.join(state, "shards", stream, split, str(task)) for split in SPLITS}
     tmps = {split: f"{folder}.tmp{os.getpid()}" for split, folder in folders.items()}
     for folder in tmps.values():
@@ -286,10 +292,9 @@ def tokenize_task(
     chars = Counter()
     index = first
     for chunk in _chunks(_kept_texts(state, stream, task), len):
-        encodings = tokenizer.backend.encode_batch(chunk, add_special_tokens=False)  # Rust threads off: 1 CPU/task
-        for text, encoding in zip(chunk, encodings):
+        for text, ids in zip(chunk, encoder.encode_batch(chunk)):  # the library's ids (ftlm/data/encode.py)
             split = "val" if is_val(index, n_docs, n_val) else "train"
-            writers[split].write(np.asarray(encoding.ids, dtype=dtype))
+            writers[split].write(ids)
             chars[split] += len(text)
             index += 1
         if clean_out is not None:
@@ -378,8 +383,8 @@ def build_tokenizer(
         else:
             tokenizer = train_tokenizer(texts, vocab_size, min_frequency, specials, length=length)
             origin = "trained"
-    if not tokenizer.is_byte_level():
-        logger.warning("the tokenizer is not byte-level: text it cannot spell may become unknown tokens")
+    if not tokenizer.never_unknown():
+        logger.warning("the tokenizer is neither byte-level nor byte-fallback: text it cannot spell becomes <unk>")
     tokenizer.save(path)
     return tokenizer, origin
 

@@ -38,6 +38,7 @@ from .layout import (
     POINTER_FILE,
     PREPARATION_KEYS,
     STATS_FILE,
+    TASKS_PREFIX,
     TMP_DIR,
     TOKENIZER_FILE,
     TRASH_DIR,
@@ -331,7 +332,7 @@ def _prepare(
     try:
         # Finished tasks are kept in tmp/tasks-<fingerprint> (stable across attempts; the fingerprint lock guards it),
         # so a preparation killed half-way resumes them; pipeline.run removes it once complete.
-        state = os.path.join(out_dir, TMP_DIR, f"tasks-{fingerprint}")
+        state = os.path.join(out_dir, TMP_DIR, f"{TASKS_PREFIX}{fingerprint}")
         result = pipeline.run(cfg, streams, work, given, state_dir=state)
         if tokenizer_path is not None:  # exactly the given file, byte for byte
             shutil.copyfile(tokenizer_path, os.path.join(work, TOKENIZER_FILE))
@@ -409,9 +410,26 @@ def _try_remove(folder: str) -> bool:
     return True
 
 
+def _remove_idle_tasks(out_dir: str, folder: str) -> bool:
+    """Remove tmp/tasks-<fingerprint> unless a preparation of that fingerprint runs (it holds the lock, on any node
+    whose file system passes flock on); a later preparation then starts those tasks afresh. True if removed."""
+    fingerprint = os.path.basename(folder)[len(TASKS_PREFIX) :]
+    os.makedirs(os.path.join(out_dir, LOCKS_DIR), exist_ok=True)
+    with open(os.path.join(out_dir, LOCKS_DIR, f"{fingerprint}.lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        gone = os.path.join(os.path.dirname(folder), f".removing.{os.path.basename(folder)}.{layout.host_tag()}")
+        os.rename(folder, gone)
+    shutil.rmtree(gone, ignore_errors=True)
+    return True
+
+
 def gc(data_cfg) -> dict[str, list[str]]:
     """Remove the preparations of data.out_dir that latest.json does not name and no live process reads,
-    everything set aside in trash/, and the unfinished folders of dead preparations (this host's)."""
+    everything set aside in trash/, the unfinished folders of dead preparations (this host's), and the finished
+    tasks kept for the rerun of a killed preparation that is not running now."""
     cfg = as_dict(data_cfg)
     out_dir = expand_path(cfg["out_dir"])
     keep = layout.read_pointer(out_dir)
@@ -426,7 +444,10 @@ def gc(data_cfg) -> dict[str, list[str]]:
     for folder in sorted(glob.glob(os.path.join(out_dir, TRASH_DIR, "*"))):
         (result["removed"] if _try_remove(folder) else result["kept (in use)"]).append(folder)
     for folder in sorted(glob.glob(os.path.join(out_dir, TMP_DIR, "*"))):
-        if layout.owner_gone(os.path.basename(folder)):
+        name = os.path.basename(folder)
+        if name.startswith(TASKS_PREFIX):  # the finished tasks of a killed preparation, kept for its rerun
+            (result["removed"] if _remove_idle_tasks(out_dir, folder) else result["kept (in use)"]).append(folder)
+        elif layout.owner_gone(name):
             shutil.rmtree(folder, ignore_errors=True)
             result["removed"].append(folder)
     if os.path.isfile(os.path.join(out_dir, STATS_FILE)):

@@ -135,6 +135,26 @@ def test_gc_never_removes_a_preparation_another_process_reads(config, tmp_path):
     assert len(gc(OmegaConf.create(cfg))["removed"]) == 1
 
 
+def test_gc_removes_the_kept_tasks_of_a_killed_preparation_unless_it_runs(config):
+    """tmp/tasks-<fingerprint> holds a killed preparation's finished tasks for its rerun; gc removes it only while no
+    preparation of that fingerprint holds its lock."""
+    import fcntl
+
+    cfg = config()
+    prepare(OmegaConf.create(cfg))
+    out_dir = cfg["out_dir"]
+    tasks = os.path.join(out_dir, "tmp", "tasks-0123abcd")
+    os.makedirs(os.path.join(tasks, "done", "clean"))
+    os.makedirs(os.path.join(out_dir, "locks"), exist_ok=True)
+    with open(os.path.join(out_dir, "locks", "0123abcd.lock"), "w") as running:  # a preparation at work
+        fcntl.flock(running, fcntl.LOCK_EX)
+        result = gc(OmegaConf.create(cfg))
+        assert tasks in result["kept (in use)"] and os.path.isdir(tasks)
+    result = gc(OmegaConf.create(cfg))
+    assert tasks in result["removed"] and not os.path.exists(tasks)
+    assert os.listdir(os.path.join(out_dir, "tmp")) == []
+
+
 def test_resume_with_the_runs_tokenizer_reuses_it_and_reports_an_edited_source(config, corpus, tmp_path, caplog):
     sources = tmp_path / "src"
     shutil.copytree(corpus, sources)
