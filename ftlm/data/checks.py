@@ -91,6 +91,8 @@ def check_data_config(cfg: Mapping[str, Any]) -> list[str]:
         raise DataConfigError("data.val_min_docs must be >= 0")
     if cfg["num_workers"] is not None and cfg["num_workers"] < 0:
         raise DataConfigError(f"data.num_workers must be null (all cores) or >= 0, got {cfg['num_workers']!r}")
+    if cfg.get("task_bytes") is not None and cfg["task_bytes"] < 1:
+        raise DataConfigError(f"data.task_bytes must be null (one task per file) or > 0, got {cfg['task_bytes']!r}")
     if cfg.get("executor", "local") not in ("local", "ray"):  # ftlm.data.executor.EXECUTORS
         raise DataConfigError(f"data.executor must be local or ray, got {cfg.get('executor')!r}")
     if cfg["shard_compression"] not in COMPRESSIONS:

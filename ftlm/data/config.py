@@ -40,6 +40,7 @@ class DataConfig:
     cache_limit: Any = MISSING  # null, bytes, or a size such as "50gb"
     num_workers: int | None = MISSING
     executor: str = MISSING  # local | ray (ftlm.data.executor)
+    task_bytes: int | None = MISSING  # a bigger .jsonl / .parquet is cleaned by several tasks
     ray_address: str | None = MISSING  # Ray head host:port or auto; null = a Ray on this machine
     val_fraction: float = MISSING
     val_min_docs: int = MISSING

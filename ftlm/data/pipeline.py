@@ -3,7 +3,7 @@
 `run` prepares every stream into a work directory and returns the statistics; `prepare.py` decides where that
 directory is and how the result is published (stats.json, fingerprint). The stages:
 
-  clean     one task per input file: read -> normalise -> quality filters -> exact key + MinHash signature; the
+  clean     one task per input file (or per data.task_bytes of a big .jsonl / .parquet): read -> normalise -> quality filters -> exact key + MinHash signature; the
             surviving documents and the dedup rows (hash-partitioned) are spilled to the state directory
   pairs     one task per stream and partition: exact groups and verified LSH candidate pairs (`ftlm.data.dedup`)
   clusters  one task per stream: union-find over the pairs -> which documents each clean task drops
@@ -39,13 +39,13 @@ from .encode import FastEncoder
 from .executor import make_executor
 from .layout import TOKENIZER_FILE, expand_path
 from .shards import SPLITS, SplitWriter, split_dir, token_dtype, write_json_atomic
-from .sources import EXAMPLES_PER_ISSUE, InputIssues, read_documents, resolve_files
+from .sources import EXAMPLES_PER_ISSUE, InputIssues, file_parts, read_documents, resolve_files
 from .tokenizer import Tokenizer, add_special_tokens, extend_tokenizer, train_tokenizer
 
 logger = logging.getLogger(__name__)
 
 STATE_DIR = ".pipeline"  # default resumable state below the work directory
-STATE_VERSION = 1  # bump when a change here changes what the tasks write for the same inputs
+STATE_VERSION = 2  # bump when a change here changes what the tasks write for the same inputs
 CHUNK_DOCS = 512  # documents processed together inside a task (one numpy / batch-encode call)
 CHUNK_CHARS = 1 << 22  # ... or fewer, when they are long
 # Test-only fault injection: "<stage>:<task>" kills that task's worker on its first attempt (a worker dying);
@@ -179,8 +179,11 @@ def _stage(executor, state: str, stage: str, fn: Callable, tasks: list[tuple[str
 
 
 # -- stage: clean (+ fingerprints) ----------------------------------------------------------------------------------
-def clean_task(state: str, task: int, path: str, lang: str | None, settings: dict, partitions: int) -> dict:
-    """Read one file, normalise and filter its documents; spill the survivors and their dedup rows."""
+def clean_task(
+    state: str, task: int, path: str, part: list[int] | None, lang: str | None, settings: dict, partitions: int
+) -> dict:
+    """Read one file (or one part of a big one: `sources.file_parts`), normalise and filter its documents; spill
+    the survivors and their dedup rows."""
     key = str(task)
     cpu = _begin(state, "clean", key)
     quality = _quality(settings["clean"], lang)
@@ -192,7 +195,7 @@ def clean_task(state: str, task: int, path: str, lang: str | None, settings: dic
     docs_path = os.path.join(state, "docs", f"{task}.jsonl")
     os.makedirs(os.path.dirname(docs_path), exist_ok=True)
     tmp = f"{docs_path}.tmp{os.getpid()}"
-    raw = read_documents([path], settings["text_field"], issues, settings["max_line_bytes"])
+    raw = read_documents([path], settings["text_field"], issues, settings["max_line_bytes"], part)
     with open(tmp, "w", encoding="utf-8") as out:
         for chunk in _chunks((doc.text for doc in raw), len):
             counts["docs_in"] += len(chunk)
@@ -414,6 +417,7 @@ def _plan(state: str, cfg: dict, files: dict[str, list[str]], partitions: int, t
         "tokenizer_cfg": cfg.get("tokenizer"),
         "given": hashlib.sha256(tokenizer.to_str().encode()).hexdigest() if tokenizer is not None else None,
         "val": [cfg.get("val_fraction", 0.005), cfg.get("val_min_docs", 100)],
+        "task_bytes": cfg.get("task_bytes"),
     }
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
     path = os.path.join(state, "plan.json")
@@ -426,7 +430,8 @@ def _plan(state: str, cfg: dict, files: dict[str, list[str]], partitions: int, t
         logger.info("the state in %s is of other inputs or settings: starting over", state)
     shutil.rmtree(state, ignore_errors=True)
     os.makedirs(state)
-    tasks = [(stream, f) for stream in files for f in files[stream]]
+    task_bytes = cfg.get("task_bytes")
+    tasks = [(stream, f, part) for stream in files for f in files[stream] for part in file_parts(f, task_bytes)]
     plan = {"key": key, "partitions": partitions, "tasks": tasks}
     write_json_atomic(path, plan)
     return plan
@@ -492,7 +497,7 @@ def run(
     try:
         plan = _plan(state, cfg, files, max(2 * executor.workers, 1), tokenizer)
         partitions = plan["partitions"]
-        tasks = [(i, stream, path) for i, (stream, path) in enumerate(plan["tasks"])]
+        tasks = [(i, stream, path, part) for i, (stream, path, part) in enumerate(plan["tasks"])]
 
         t = time.time()
         cleaned = _stage(
@@ -500,10 +505,10 @@ def run(
             state,
             "clean",
             clean_task,
-            [(str(i), (state, i, path, lang.get(s), settings[s], partitions)) for i, s, path in tasks],
+            [(str(i), (state, i, path, part, lang.get(s), settings[s], partitions)) for i, s, path, part in tasks],
             execution,
         )
-        stream_tasks = {s: [i for i, st, _ in tasks if st == s] for s in streams}
+        stream_tasks = {s: [i for i, st, _, _ in tasks if st == s] for s in streams}
         pair_tasks = [
             (f"{s}-{p}", (state, s, stream_tasks[s], p, settings[s]["dedup"]))
             for s in streams

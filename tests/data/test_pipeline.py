@@ -145,6 +145,21 @@ def test_two_local_workers_and_a_retried_worker_give_the_same_result(corpus, loc
     assert prepared_texts(tmp_path) == prepared_texts(local_run[0])
 
 
+def test_big_files_divided_among_tasks_give_the_same_result(corpus, local_run, tmp_path):
+    """data.task_bytes below the files' sizes: each file is cleaned by several tasks (byte ranges); dedup across them
+    keeps the same first copies, and every malformed line is still counted once, at its line."""
+    sources, _, _ = corpus
+    sizes = [os.path.getsize(p) for d in sources.values() for p in Path(d[0]).iterdir()]
+    result = pipeline.run(config(sources, num_workers=1, task_bytes=min(sizes) // 3), ["ko", "en"], str(tmp_path), None)
+    assert result["execution"]["clean"]["tasks"] >= 3 * 6
+    assert comparable(result) == comparable(local_run[1])
+    assert prepared_texts(tmp_path) == prepared_texts(local_run[0])
+    for s in ("ko", "en"):
+        shown = result["streams"][s]["input_issues"]["examples"]["malformed_json"]
+        theirs = local_run[1]["streams"][s]["input_issues"]["examples"]["malformed_json"]
+        assert sorted(shown) == sorted(theirs)  # the same file:line, though read from the middle of the file
+
+
 @pytest.mark.slow  # starts worker processes (or a Ray) that import torch and streaming
 def test_ray_executor_gives_the_same_documents_and_stats(corpus, local_run, tmp_path, monkeypatch):
     pytest.importorskip("ray")
