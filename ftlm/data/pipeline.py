@@ -3,8 +3,9 @@
 `run` prepares every stream into a work directory and returns the statistics; `prepare.py` decides where that
 directory is and how the result is published (stats.json, fingerprint). The stages:
 
-  clean     one task per input file (or per data.task_bytes of a big .jsonl / .parquet): read -> normalise -> quality filters -> exact key + MinHash signature; the
-            surviving documents and the dedup rows (hash-partitioned) are spilled to the state directory
+  clean     one task per input file (or per data.task_bytes of a big .jsonl / .parquet): read -> normalise ->
+            quality filters -> exact key + MinHash signature; the surviving documents and the dedup rows
+            (hash-partitioned) are spilled to the state directory
   pairs     one task per stream and partition: exact groups and verified LSH candidate pairs (`ftlm.data.dedup`)
   clusters  one task per stream: union-find over the pairs -> which documents each clean task drops
   tokenizer in this process: trained on a sample of the kept text mixed across streams, reused, or extended
