@@ -77,6 +77,23 @@ def data_dict(cfg) -> dict:
         raise DataConfigError(f"data.{key}: {first}" if key else f"data: {first}") from None
 
 
+GROUPS = ("clean", "dedup", "tokenizer")  # sub-configs completed key by key by with_defaults
+
+
+def with_defaults(cfg) -> dict:
+    """A data config that may lack keys (a test's, a notebook's) completed with conf/data/base.yaml's values, so the
+    yaml stays the one place defaults live: a missing key takes base's value, a group (clean, dedup, tokenizer) its
+    missing keys. Nothing is checked here (checks.py does that)."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    base = preset("base")
+    out = {**base, **cfg}
+    for group in GROUPS:
+        if isinstance(cfg.get(group), dict):
+            out[group] = {**base[group], **cfg[group]}
+    return out
+
+
 def preset(name: str, conf_dir: str | None = None) -> dict:
     """conf/data/<name>.yaml with its `defaults` (base.yaml) applied, as Hydra composes it, as a plain unresolved
     dict: for tests, benchmarks and notebooks that want a data config without composing the whole app."""

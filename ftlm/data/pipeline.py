@@ -35,6 +35,7 @@ import numpy as np
 
 from . import corpus, dedup
 from .clean import CleanConfig, QualityFilter, normalize
+from .config import with_defaults
 from .dedup import DedupConfig
 from .encode import FastEncoder
 from .executor import make_executor
@@ -336,10 +337,10 @@ def tokenizer_sample(
     counts scale, so that is exact weighting), one with more is thinned evenly; both deterministically.
     """
     # Equal shares by default, not data.mix: the mix is a training choice and may change without re-tokenizing.
-    shares = tok_cfg.get("sample_shares") or {s: 1.0 for s in kept}
+    shares = tok_cfg["sample_shares"] or {s: 1.0 for s in kept}
     shares = {s: float(shares.get(s, 0.0)) for s in kept}
     total_share = sum(shares.values())
-    budget = int(tok_cfg.get("sample_chars", 200_000_000))
+    budget = int(tok_cfg["sample_chars"])
     weights = {s: budget * shares[s] / total_share / max(stats[s]["chars_out"], 1) for s in kept}
     expected_docs = int(sum(weights[s] * stats[s]["docs_out"] for s in kept))
     logger.info(
@@ -361,24 +362,23 @@ def tokenizer_sample(
 
 def given_tokenizer(cfg: dict) -> Tokenizer | None:
     """The tokenizer named by data.tokenizer.path or .extend_from (load it before clearing out_dir: it may be in it)."""
-    tok_cfg = cfg.get("tokenizer") or {}
-    path = tok_cfg.get("path") or tok_cfg.get("extend_from")
+    tok_cfg = cfg["tokenizer"]
+    path = tok_cfg["path"] or tok_cfg["extend_from"]
     return Tokenizer.load(expand_path(path)) if path else None
 
 
 def build_tokenizer(
     cfg: dict, given: Tokenizer | None, kept: dict[str, Callable[[], Iterator[str]]], stats: dict, path: str
 ) -> tuple[Tokenizer, str]:
-    tok_cfg = cfg.get("tokenizer") or {}
-    specials = list(tok_cfg.get("special_tokens") or [])
-    vocab_size = int(tok_cfg.get("vocab_size", 32000))
-    min_frequency = int(tok_cfg.get("min_frequency", 2))
-    if tok_cfg.get("path"):
+    tok_cfg = cfg["tokenizer"]
+    specials = list(tok_cfg["special_tokens"] or [])
+    vocab_size, min_frequency = int(tok_cfg["vocab_size"]), int(tok_cfg["min_frequency"])
+    if tok_cfg["path"]:
         tokenizer = add_special_tokens(given, specials)
         origin = f"reused {tok_cfg['path']}"
     else:
         texts, length = tokenizer_sample(kept, stats, tok_cfg)
-        if tok_cfg.get("extend_from"):
+        if tok_cfg["extend_from"]:
             base = given
             tokenizer = add_special_tokens(
                 extend_tokenizer(base, texts, vocab_size, min_frequency, length=length), specials
@@ -398,13 +398,13 @@ def _settings(cfg: dict, stream: str) -> dict:
     """What the tasks of one stream need from the config: plain values only (they travel to other machines)."""
     return {
         "stream": stream,
-        "clean": CleanConfig.from_cfg(cfg.get("clean")).__dict__,
-        "dedup": DedupConfig.from_cfg(cfg.get("dedup")).__dict__,
-        "text_field": cfg.get("text_field", "text"),
-        "max_line_bytes": int(cfg.get("max_line_bytes", 1 << 26)),
-        "shard_compression": cfg.get("shard_compression"),
-        "shard_size_limit": int(cfg.get("shard_size_limit", 1 << 26)),
-        "keep_clean_text": bool(cfg.get("keep_clean_text", False)),
+        "clean": CleanConfig.from_cfg(cfg["clean"]).__dict__,
+        "dedup": DedupConfig.from_cfg(cfg["dedup"]).__dict__,
+        "text_field": cfg["text_field"],
+        "max_line_bytes": int(cfg["max_line_bytes"]),
+        "shard_compression": cfg["shard_compression"],
+        "shard_size_limit": int(cfg["shard_size_limit"]),
+        "keep_clean_text": bool(cfg["keep_clean_text"]),
     }
 
 
@@ -414,11 +414,11 @@ def _plan(state: str, cfg: dict, files: dict[str, list[str]], partitions: int, t
         "version": STATE_VERSION,
         "files": {s: [[f, os.path.getsize(f), os.stat(f).st_mtime_ns] for f in fs] for s, fs in files.items()},
         "settings": {s: _settings(cfg, s) for s in files},
-        "lang": cfg.get("lang"),
-        "tokenizer_cfg": cfg.get("tokenizer"),
+        "lang": cfg["lang"],
+        "tokenizer_cfg": cfg["tokenizer"],
         "given": hashlib.sha256(tokenizer.to_str().encode()).hexdigest() if tokenizer is not None else None,
-        "val": [cfg.get("val_fraction", 0.005), cfg.get("val_min_docs", 100)],
-        "task_bytes": cfg.get("task_bytes"),
+        "val": [cfg["val_fraction"], cfg["val_min_docs"]],
+        "task_bytes": cfg["task_bytes"],
     }
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
     path = os.path.join(state, "plan.json")
@@ -431,7 +431,7 @@ def _plan(state: str, cfg: dict, files: dict[str, list[str]], partitions: int, t
         logger.info("the state in %s is of other inputs or settings: starting over", state)
     shutil.rmtree(state, ignore_errors=True)
     os.makedirs(state)
-    task_bytes = cfg.get("task_bytes")
+    task_bytes = cfg["task_bytes"]
     tasks = [(stream, f, part) for stream in files for f in files[stream] for part in file_parts(f, task_bytes)]
     plan = {"key": key, "partitions": partitions, "tasks": tasks}
     write_json_atomic(path, plan)
@@ -479,18 +479,19 @@ def run(
     "num_workers": n, "execution": {...}, "timings": {...}}.
     """
     started = time.time()
+    cfg = with_defaults(cfg)  # a partial config (tests, notebooks) takes conf/data/base.yaml's values
     state = expand_path(state_dir or os.path.join(work_dir, STATE_DIR))
     sources = corpus.expand_embedded(
         {s: list(v) if not isinstance(v, str) else [v] for s, v in cfg["sources"].items()}, work_dir
     )
     files = {stream: resolve_files(stream, sources[stream]) for stream in streams}
-    n_workers = cfg.get("num_workers")
+    n_workers = cfg["num_workers"]
     n_workers = (os.cpu_count() or 1) if n_workers is None else int(n_workers)
     own_executor = executor is None
     if own_executor:
-        executor = make_executor(cfg.get("executor"), n_workers, cfg.get("ray_address"))
+        executor = make_executor(cfg["executor"], n_workers, cfg["ray_address"])
     settings = {s: _settings(cfg, s) for s in streams}
-    lang = cfg.get("lang") or {}
+    lang = cfg["lang"] or {}
     for s in streams:  # here, before any task: a filter that cannot be built (py3langid missing) fails now
         _quality(settings[s]["clean"], lang.get(s))
     timings: dict[str, float] = {}
@@ -576,7 +577,7 @@ def run(
         token_tasks = []
         for s in streams:
             n_docs = stats[s]["docs_out"]
-            n_val = val_count(n_docs, float(cfg.get("val_fraction", 0.005)), int(cfg.get("val_min_docs", 100)))
+            n_val = val_count(n_docs, float(cfg["val_fraction"]), int(cfg["val_min_docs"]))
             first = 0
             for i in stream_tasks[s]:
                 token_tasks.append((str(i), (state, i, s, tokenizer_path, first, n_docs, n_val, settings[s])))
@@ -596,7 +597,7 @@ def run(
                 }
             )
             _add_ratios(stats[s])
-            if cfg.get("keep_clean_text", False):
+            if cfg["keep_clean_text"]:
                 _join_clean(state, work_dir, s, stream_tasks[s])
         shutil.copyfile(tokenizer_path, os.path.join(work_dir, TOKENIZER_FILE))
         timings["tokenize_shard_s"] = time.time() - t
