@@ -581,6 +581,20 @@ def _rng_kept():
             torch.cuda.set_rng_state_all(cuda)
 
 
+def _describe(error: Exception) -> str:
+    return str(error) if isinstance(error, HarnessError) else f"{type(error).__name__}: {error}"
+
+
+def _first_error(error: str | None, rank: int, world_size: int) -> str | None:
+    """The error of the first rank that has one (the same answer on every rank), or None if no rank has one."""
+    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return error
+    errors: list = [None] * world_size
+    dist.all_gather_object(errors, error)
+    first = next((r for r, e in enumerate(errors) if e is not None), None)
+    return None if first is None else (errors[first] if first == rank else f"on rank {first}: {errors[first]}")
+
+
 def run_tasks(
     model,
     tokenizer,
@@ -610,10 +624,19 @@ def run_tasks(
         with _rng_kept():
             for name in names:
                 try:
-                    manager = load_tasks([name], include_path)
-                    out = evaluate(lm, [name], manager, limit, num_fewshot, bootstrap_iters=0)
+                    manager, error = load_tasks([name], include_path), None
                 except Exception as e:  # a benchmark must never stop training: report it, go on
-                    failures[name] = f"{type(e).__name__}: {e}" if not isinstance(e, HarnessError) else str(e)
+                    manager, error = None, _describe(e)
+                # Every rank must run a task or none may: under ZeRO-3 each forward pass is collective, so a rank
+                # whose node lacks the task's data (the usual one-rank failure) would leave the others waiting.
+                error = _first_error(error, rank, world_size)
+                if error is not None:
+                    failures[name] = error
+                    continue
+                try:
+                    out = evaluate(lm, [name], manager, limit, num_fewshot, bootstrap_iters=0)
+                except Exception as e:
+                    failures[name] = _describe(e)
                     continue
                 results.update(metrics_of(out))
     finally:

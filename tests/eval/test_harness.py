@@ -271,6 +271,26 @@ def test_run_tasks_on_a_live_model(bench, tmp_path, monkeypatch):
     assert set(failed.value.results) == {"ko_mc"}
 
 
+def test_a_task_that_fails_to_load_on_one_rank_is_skipped_on_every_rank(bench, monkeypatch):
+    """Rank 0 of two loads the task; rank 1 (simulated: its node lacks the data) does not. Both must skip it, or the
+    rank that ran it would wait forever in its first collective forward pass."""
+    from ftlm.checkpoint import load
+
+    loaded = load(bench["model"])
+    monkeypatch.setattr(harness.dist, "is_initialized", lambda: True)
+
+    def gather(out, mine):  # what rank 1 reports
+        out[:] = [mine, "HarnessError: ko_mc: data file /data/ko_mc.json not found on this node"]
+
+    monkeypatch.setattr(harness.dist, "all_gather_object", gather)
+    ran = []
+    monkeypatch.setattr(harness, "evaluate", lambda *a, **k: ran.append(1))
+    with pytest.raises(harness.HarnessError, match="on rank 1") as failed:
+        harness.run_tasks(loaded.model, loaded.tokenizer, ["ko_mc"], 2, "cpu", 0, 2, bench["tasks"])
+    assert ran == [] and set(failed.value.failures) == {"ko_mc"}
+    assert "not found on this node" in failed.value.failures["ko_mc"]
+
+
 def test_generate_until_uses_the_kv_cache_and_stops(bench):
     """Greedy decoding with the cache equals greedy decoding by full forward passes, cut at the stop sequence."""
     from ftlm.checkpoint import load
