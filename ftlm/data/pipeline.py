@@ -296,10 +296,11 @@ def tokenize_task(
         clean_out = open(f"{clean_path}.tmp{os.getpid()}", "w", encoding="utf-8")
     chars = Counter()
     index = first
+    bos = np.array([tokenizer.bos_id] if tokenizer.adds_bos else [], dtype=token_dtype(tokenizer.vocab_size))
     for chunk in _chunks(_kept_texts(state, stream, task), len):
         for text, ids in zip(chunk, encoder.encode_batch(chunk)):  # the library's ids (ftlm/data/encode.py)
             split = "val" if is_val(index, n_docs, n_val) else "train"
-            writers[split].write(ids)
+            writers[split].write(np.concatenate((bos, ids)) if len(bos) else ids)  # BOS first: Llama-style
             chars[split] += len(text)
             index += 1
         if clean_out is not None:

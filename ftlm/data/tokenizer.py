@@ -79,6 +79,9 @@ class Tokenizer:
         self.pad_id: int = tokenizer.token_to_id(pad) if pad is not None else self.eot_id
         bos = next((t for t in BOS_NAMES if t in vocab), None)
         self.bos_id: int | None = tokenizer.token_to_id(bos) if bos is not None else None
+        # Llama-style tokenizers put BOS before every text (their post-processor's template); ftlm then starts every
+        # document with it, as the model was trained and as Hugging Face inference feeds it.
+        self.adds_bos: bool = self.bos_id is not None and tokenizer.encode("a").ids[:1] == [self.bos_id]
 
     # -- loading and saving ------------------------------------------------------------------------------------
     @classmethod
@@ -111,6 +114,11 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_document(self, text: str) -> list[int]:
+        """A document's ids as training sees them: BOS first for a tokenizer that adds one (adds_bos)."""
+        ids = self.encode(text)
+        return [self.bos_id, *ids] if self.adds_bos else ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]

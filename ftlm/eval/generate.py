@@ -153,9 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = loaded.model, loaded.tokenizer
 
     # An empty prompt starts a new document: the model continues from end-of-text, as after every training document.
-    prompt_ids = tokenizer.encode(args.prompt) if args.prompt else [tokenizer.eot_id]
+    opening = [tokenizer.bos_id] if tokenizer.adds_bos else [tokenizer.eot_id]  # how a training document begins
+    prompt_ids = tokenizer.encode_document(args.prompt) if args.prompt else opening
     if not prompt_ids:  # text the tokenizer turns into nothing (it normalises away): a new document too
-        prompt_ids = [tokenizer.eot_id]
+        prompt_ids = opening
     if args.max_new_tokens == 0:
         log.info("nothing to generate (--max-new-tokens 0): the prompt is printed as given")
         print(args.prompt)

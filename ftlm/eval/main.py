@@ -127,13 +127,16 @@ def token_stream(docs: list[str], tokenizer) -> tuple[torch.Tensor, torch.Tensor
     before it closes the document before (or stands alone at the start)."""
     ids: list[int] = []
     starts: list[int] = []
+    bos = [tokenizer.bos_id] if tokenizer.adds_bos else []  # a Llama-style document starts with BOS, as in training
     for doc_ids in tokenizer.encode_batch(docs):
         ids.append(tokenizer.eot_id)
         starts.append(len(ids))
-        ids.extend(doc_ids)
+        ids.extend(bos + doc_ids)
     ids_t = torch.tensor(ids, dtype=torch.long)
     targets = ids_t.clone()
     targets[ids_t == tokenizer.eot_id] = IGNORE_INDEX
+    if bos:
+        targets[ids_t == tokenizer.bos_id] = IGNORE_INDEX  # no text: predicting it says nothing of bits per byte
     return ids_t, targets, starts
 
 

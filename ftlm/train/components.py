@@ -169,7 +169,8 @@ class Sampler:
 
         out = {}
         for prompt in self.prompts:
-            ids = generate(self.model, self.tokenizer.encode(prompt), self.tokens, eos_id=self.tokenizer.eot_id)
+            prompt_ids = self.tokenizer.encode_document(prompt)  # BOS first for a Llama-style tokenizer
+            ids = generate(self.model, prompt_ids, self.tokens, eos_id=self.tokenizer.eot_id)
             out[prompt] = prompt + self.tokenizer.decode(list(ids))
         for prompt, text in out.items():
             if show:

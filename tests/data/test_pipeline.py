@@ -160,6 +160,29 @@ def test_big_files_divided_among_tasks_give_the_same_result(corpus, local_run, t
         assert sorted(shown) == sorted(theirs)  # the same file:line, though read from the middle of the file
 
 
+def test_a_llama_style_tokenizer_puts_bos_before_every_document(corpus, local_run, tmp_path):
+    """With a tokenizer whose template adds BOS (Llama-2, Mistral, SOLAR) every document in the shards starts with it,
+    as the model was trained; ftlm's own tokenizers add none."""
+    sys.path.insert(0, str(ROOT / "tests" / "hf"))
+    import sp_tokenizer
+
+    from ftlm.data.config import with_defaults
+
+    sp = tmp_path / "sp.json"
+    sp.write_text(sp_tokenizer.build([d for ds in corpus[1].values() for d in ds][:200], 600))
+    sources, _, _ = corpus
+    cfg = config(sources, num_workers=1, tokenizer={"path": str(sp)})
+    result = pipeline.run(cfg, ["ko", "en"], str(tmp_path / "work"), pipeline.given_tokenizer(with_defaults(cfg)))
+    tokenizer = Tokenizer.load(str(tmp_path / "work" / "tokenizer.json"))
+    assert tokenizer.adds_bos
+    for s in ("ko", "en"):
+        docs = [t for split in ("train", "val") for t in read_split(split_dir(str(tmp_path / "work"), s, split))]
+        assert len(docs) == result["streams"][s]["docs_out"] and all(int(t[0]) == tokenizer.bos_id for t in docs)
+        assert all(tokenizer.bos_id not in t[1:].tolist() for t in docs)
+    ours = Tokenizer.load(str(local_run[0] / "tokenizer.json"))
+    assert not ours.adds_bos
+
+
 @pytest.mark.slow  # starts worker processes (or a Ray) that import torch and streaming
 def test_ray_executor_gives_the_same_documents_and_stats(corpus, local_run, tmp_path, monkeypatch):
     pytest.importorskip("ray")

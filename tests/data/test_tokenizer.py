@@ -153,6 +153,16 @@ def test_sentencepiece_extension_keeps_ids_round_trips_and_never_unknown(sentenc
     assert stats["korean_tokens_per_char_after"] < 0.6 * stats["korean_tokens_per_char_before"]
 
 
+def test_a_llama_style_tokenizer_starts_documents_with_bos(sentencepiece_pair, tokenizer):
+    base, extended = sentencepiece_pair
+    for tok in (base, extended):  # the extension keeps the base's template
+        assert tok.adds_bos and tok.bos_id == 1
+        assert tok.encode_document("hello world") == [1, *tok.encode("hello world")]
+        assert tok.encode("hello world")[:1] != [1]
+    ours = tokenizer[0]
+    assert not ours.adds_bos and ours.encode_document("안녕") == ours.encode("안녕")
+
+
 def test_sentencepiece_token_byte_lengths(sentencepiece_pair):
     _, extended = sentencepiece_pair
     lengths = extended.token_byte_lengths()

@@ -113,6 +113,23 @@ def test_end_of_text_is_context_only(tok):
     assert starts == [1, 2 + len(tok.encode("ab"))]  # each document's first token, after its end-of-text
 
 
+def test_a_llama_style_document_starts_with_bos_which_is_context_only():
+    import sys
+    from pathlib import Path
+
+    from tokenizers import Tokenizer as HFTok
+
+    from ftlm.data.tokenizer import Tokenizer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hf"))
+    import sp_tokenizer
+
+    sp = Tokenizer(HFTok.from_str(sp_tokenizer.build(["ab cd ef gh"] * 20, 300)))
+    ids, targets, starts = token_stream(["ab", "cd"], sp)
+    assert sp.adds_bos and ids[starts].tolist() == [sp.bos_id, sp.bos_id]  # a document begins with BOS
+    assert ids[targets != -100].tolist() == sp.encode("ab") + sp.encode("cd")  # only text is scored
+
+
 def test_windows_carry_document_boundaries(tok):
     """Positions restart at each document's first token, as the training loader places them; cu_seqlens holds those
     starts and every window's own start."""
