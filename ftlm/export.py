@@ -7,9 +7,11 @@ writes
                                 a Hugging Face model: `AutoModelForCausalLM.from_pretrained(<out>)` and
                                 `AutoTokenizer.from_pretrained(<out>)` load it without custom code
     <out>/ftlm/                 ftlm's files (ftlm-generate, ftlm-eval, ftlm-export and trainer.init_from read <out>):
-        model.safetensors       every weight under ftlm's own names, in one file
         ftlm_config.json        GPTConfig's fields under "model", the step, the tokenizer's size and checksum
         tokenizer.json          the run's tokenizer, unchanged
+        model.safetensors       only where the Hugging Face weights cannot give back ftlm's exactly (GPT-NeoX with
+                                repeated key/value heads): every weight under ftlm's names; otherwise ftlm's readers
+                                convert <out>/model.safetensors back, and an export holds one copy of the weights
 With --no-hf the three ftlm files are written to <out> itself (the format ftlm-import writes). Exports in the
 earlier layout (ftlm files in <out>, the Hugging Face model in <out>/hf) stay readable.
 
@@ -55,6 +57,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 FTLM_SUBDIR = "ftlm"  # <out>/ftlm/ holds ftlm's own files when <out> itself is the Hugging Face model
+HF_WEIGHTS = "hugging_face"  # ftlm_config.json "weights": the Hugging Face model's, in the folder above
 
 
 def _save_safetensors(state: dict[str, torch.Tensor], path: Path, dtype: torch.dtype, metadata: dict) -> None:
@@ -73,13 +76,18 @@ def write_ftlm(
     dtype: torch.dtype,
     step: int | None = None,
     source: str = "",
+    with_weights: bool = True,
 ) -> None:
+    """ftlm's files in `out`; with_weights=False leaves the weights to the Hugging Face model in out's parent, which
+    ftlm's readers then convert back (ftlm.checkpoint.reader), so an export holds one copy of them."""
     from ftlm.checkpoint import tokenizer_fingerprint
     from ftlm.data.tokenizer import Tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
-    _save_safetensors(state, out / WEIGHTS, dtype, {"format": "pt", "ftlm_config": json.dumps(asdict(cfg))})
+    if with_weights:
+        _save_safetensors(state, out / WEIGHTS, dtype, {"format": "pt", "ftlm_config": json.dumps(asdict(cfg))})
     meta = {
+        "weights": "ftlm" if with_weights else HF_WEIGHTS,
         "model": asdict(cfg),
         "step": step,
         "source": source,
@@ -163,19 +171,28 @@ def export(
         )
     tokenizer = load_tokenizer(source)
     state = read_state_dict(source)
-    write_ftlm(ftlm_dir, source.config, state, source.tokenizer_path, torch_dtype, source.step, str(source.path))
-    log.info(
-        "wrote %s (%s, %s parameters), %s and %s",
-        ftlm_dir / WEIGHTS,
-        dtype,
-        f"{sum(v.numel() for v in state.values()):,}",
-        ftlm_dir / CONFIG,
-        ftlm_dir / TOKENIZER,
-    )
-    if hf:
+    own_copy = not hf or not hf_invertible(source.config)
+    if hf:  # first: ftlm's config, written last, may point at these weights
         arch = write_hf(out, source.config, state, tokenizer, source.tokenizer_path, torch_dtype)
         log.info("wrote the Hugging Face %s model %s (from_pretrained loads it as is)", arch, out)
+    write_ftlm(
+        ftlm_dir, source.config, state, source.tokenizer_path, torch_dtype, source.step, str(source.path), own_copy
+    )
+    log.info(
+        "wrote %s and %s%s (%s, %s parameters)",
+        ftlm_dir / CONFIG,
+        ftlm_dir / TOKENIZER,
+        f" and {ftlm_dir / WEIGHTS}" if own_copy else f"; ftlm reads the weights from {out / WEIGHTS}",
+        dtype,
+        f"{sum(v.numel() for v in state.values()):,}",
+    )
     return ftlm_dir
+
+
+def hf_invertible(cfg: GPTConfig) -> bool:
+    """Whether the Hugging Face weights give back ftlm's exactly: always for Llama; for GPT-NeoX unless grouped
+    key/value heads were repeated for it or biases it lacks were added (then ftlm/ keeps a copy of its own)."""
+    return hf_family(cfg) == "llama" or (cfg.n_kv_heads == cfg.n_head and cfg.bias)
 
 
 def main(argv: list[str] | None = None) -> int:

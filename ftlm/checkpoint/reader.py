@@ -66,7 +66,7 @@ def locate(path: str | Path) -> Source:
         raise FileNotFoundError(f"{p} does not exist (expected {SOURCE_HELP})")
     if p.is_dir() and (p / WEIGHTS).is_file() and (p / CONFIG).is_file():
         return _export_source(p)
-    if p.is_dir() and (p / "ftlm" / WEIGHTS).is_file() and (p / "ftlm" / CONFIG).is_file():
+    if p.is_dir() and (p / "ftlm" / CONFIG).is_file() and ((p / "ftlm" / WEIGHTS).is_file() or (p / WEIGHTS).is_file()):
         return _export_source(p / "ftlm")  # ftlm-export's layout: the Hugging Face model in p, ftlm's files in p/ftlm
     if p.is_dir() and (p / "checkpoints").is_dir():
         return _checkpoint_source(_newest(p / "checkpoints"), p / TOKENIZER)
@@ -283,12 +283,33 @@ def read_state_dict(source: Source) -> dict[str, torch.Tensor]:
     """The weights under ftlm's parameter names: fp32 from a checkpoint, the stored dtype from an export."""
     if source.kind == "checkpoint":
         state = consolidate(source.path)
-    else:
+    elif (source.path / WEIGHTS).is_file():
         from safetensors.torch import load_file
 
         state = load_file(str(source.path / WEIGHTS), device="cpu")
+    else:
+        state = _from_hugging_face_weights(source)
     check_state_dict(state, source.config, source.path)
     return state
+
+
+def _from_hugging_face_weights(source: Source) -> dict[str, torch.Tensor]:
+    """An ftlm-export's ftlm/ without weights of its own: the Hugging Face model's in the folder above, converted back
+    to ftlm's names (exactly: ftlm-export leaves its own copy out only then)."""
+    from safetensors.torch import load_file
+
+    from ftlm.hf.convert import architecture_of, from_hf_state_dict
+
+    meta = json.loads((source.path / CONFIG).read_text())
+    hf_dir = source.path.parent
+    if meta.get("weights") != "hugging_face" or not (hf_dir / WEIGHTS).is_file():
+        raise CheckpointError(f"{source.path} has no {WEIGHTS}, and {hf_dir} holds no Hugging Face weights for it")
+    try:
+        hf_config = json.loads((hf_dir / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{hf_dir / 'config.json'}: unreadable ({e})") from None
+    arch = architecture_of(hf_config, str(hf_dir / "config.json"))
+    return from_hf_state_dict(source.config, arch, load_file(str(hf_dir / WEIGHTS), device="cpu"))
 
 
 def check_state_dict(state: dict, cfg: GPTConfig, where: Path) -> None:

@@ -11,9 +11,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ftlm.checkpoint import load
+from ftlm.checkpoint import load, locate, read_state_dict
 from ftlm.data.tokenizer import EOT, Tokenizer
-from ftlm.export import HFExportError, export, main, write_ftlm
+from ftlm.export import HFExportError, export, hf_invertible, main, write_ftlm
 from ftlm.model import GPT, GPTConfig
 
 TEXT = "대한민국은 민주공화국이다. The function returns 42."
@@ -93,6 +93,12 @@ def test_hf_parity(arch, tiny_run_dir, tmp_path):
     assert cls == expected_class
     assert ours.abs().max() > 1.0  # the comparison is not between near-zero numbers
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+    # One copy of the weights where the Hugging Face ones give back ftlm's exactly; ftlm's readers get them back
+    own_copy = (tmp_path / "out" / "ftlm" / "model.safetensors").is_file()
+    assert own_copy == (not hf_invertible(model.cfg))
+    back = load(tmp_path / "out").model.state_dict()
+    assert back.keys() == model.state_dict().keys()
+    assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
 
 
 def test_export_run_dir_end_to_end(tiny_run_dir, tmp_path, capsys):
@@ -213,7 +219,8 @@ def test_zero2_llama_checkpoint_end_to_end(zero2_llama_run, tmp_path):
     assert not list((zero2_llama_run / "checkpoints" / "step_00000002").glob("zero_pp_rank_*model_states.pt"))
     export(zero2_llama_run, tmp_path / "out", dtype="fp32")
     reference = load_file(zero2_llama_run / "reference_weights.safetensors")
-    exported = load_file(tmp_path / "out" / "ftlm" / "model.safetensors")
+    assert not (tmp_path / "out" / "ftlm" / "model.safetensors").exists()  # Llama: the Hugging Face copy serves both
+    exported = read_state_dict(locate(tmp_path / "out"))
     assert exported.keys() == reference.keys() and "lm_head.weight" in exported
     assert all(torch.equal(exported[k], reference[k]) for k in reference)
     ours = load(tmp_path / "out")
