@@ -189,8 +189,13 @@ class _LineNumbers:
     """Line numbers inside a part of a file that starts at byte `start`: the lines before it are counted only when
     an issue needs an exact `file:line` (a part of a 50 GB file should not read the 40 GB before it for nothing)."""
 
-    def __init__(self, path: str, start: int):
-        self.path, self.start, self._before = path, start, 0 if start == 0 else None
+    def __init__(self, path: str, start: int = 0):
+        self.path = path
+        self.begin_at(start)
+
+    def begin_at(self, start: int) -> None:
+        """The part's first line starts at byte `start`."""
+        self.start, self._before = start, 0 if start == 0 else None
 
     def __call__(self, number: int) -> int:
         if self._before is None:
@@ -226,8 +231,8 @@ def _lines(
             while raw and not raw.endswith(b"\n"):
                 raw = f.readline(1 << 20)
         position = f.tell() if start > 0 else 0  # parts are of uncompressed files; a zstd stream cannot tell()
-        at = at or _LineNumbers(path, 0)
-        at.start, at._before = position, 0 if position == 0 else None
+        at = at or _LineNumbers(path)
+        at.begin_at(position)
         number = 0
         while end is None or position < end:
             try:
@@ -279,7 +284,7 @@ def _lines(
 def read_jsonl(
     path: str, text_field: str, issues: InputIssues, max_line_bytes: int, part: list[int] | None = None
 ) -> Iterator[RawDoc]:
-    at = _LineNumbers(path, 0)
+    at = _LineNumbers(path)
     for number, line in _lines(path, issues, max_line_bytes, part, at):
         if not line.strip():
             continue  # blank separator lines are harmless in jsonl

@@ -104,8 +104,13 @@ class FrozenWeights:
                 self._saved[name] = (full if rows is None else full[:rows]).detach().to("cpu", copy=True)
         self._steps = self._global_steps()
         if self.active:
-            n = sum(v.numel() for v in self._saved.values())
-            log.info("train_only=%s: %s frozen values kept bit-identical until unfreeze", train_only, f"{n:,}")
+            # Under ZeRO-3 this rank saved its whole slice of each parameter; count only the frozen values in it.
+            n = sum(
+                int(self._local[k].sum()) if self._local.get(k) is not None else v.numel()
+                for k, v in self._saved.items()
+            )
+            where = " (this rank's slice)" if self._local else ""
+            log.info("train_only=%s: %s frozen values%s kept bit-identical until unfreeze", train_only, f"{n:,}", where)
 
     # -- the parts of a parameter this rank holds --------------------------------------------------------------
     @staticmethod
