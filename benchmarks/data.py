@@ -64,11 +64,19 @@ def synthetic_corpus(out: Path, megabytes: float, files: int, seed: int = 0) -> 
     return paths
 
 
-def config(sources: dict[str, list[Path]], workers: int, vocab: int, tokenizer: str | None = None) -> dict:
+def config(
+    sources: dict[str, list[Path]],
+    workers: int,
+    vocab: int,
+    tokenizer: str | None = None,
+    task_bytes: int | None = None,
+) -> dict:
     from ftlm.data.config import preset
 
     cfg = preset("custom")
     cfg.update(num_workers=workers, sources={s: [str(p) for p in ps] for s, ps in sources.items()})
+    if task_bytes is not None:
+        cfg["task_bytes"] = task_bytes
     cfg["clean"]["min_words"] = 10
     cfg["tokenizer"].update(vocab_size=vocab, sample_chars=2_000_000, path=tokenizer)
     return cfg
@@ -208,6 +216,9 @@ def main() -> None:
     parser.add_argument("--workers", default=None, help="comma-separated worker counts (default 1..cpu_count)")
     parser.add_argument("--executors", default="local,ray", help="comma-separated: local, ray")
     parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument(
+        "--task-bytes", type=int, default=None, help="data.task_bytes: a bigger file is cleaned by several tasks"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the script runs")
     args = parser.parse_args()
     if args.smoke:
@@ -237,7 +248,7 @@ def main() -> None:
         rows = []
         for name in executors:
             for n in counts:
-                cfg = config(sources, n, args.vocab, prepared.tokenizer_path)
+                cfg = config(sources, n, args.vocab, prepared.tokenizer_path, args.task_bytes)
                 rows.append(run_stages(cfg, name, n, work / f"{name}{n}"))
                 shutil.rmtree(work / f"{name}{n}", ignore_errors=True)
         synthetic = [json.loads(line)["text"] for ps in sources.values() for p in ps for line in open(p)]

@@ -69,23 +69,33 @@ def _split_qkv(t: torch.Tensor, cfg: GPTConfig):
     return t.split([cfg.n_head * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd], dim=0)
 
 
-def llama_state_dict(cfg: GPTConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"]}
+def _llama_table(cfg: GPTConfig) -> list[tuple[str, tuple[str, ...], list[int] | None]]:
+    """ftlm name -> Llama's name(s), and the row sizes when one fused ftlm tensor is several of Llama's (split along
+    dim 0): the one mapping both directions use."""
+    hd = cfg.head_dim
+    rows = [("embed.weight", ("model.embed_tokens.weight",), None), ("norm.weight", ("model.norm.weight",), None)]
     if not cfg.tie_embeddings:
-        out["lm_head.weight"] = sd["lm_head.weight"]
+        rows.append(("lm_head.weight", ("lm_head.weight",), None))
+    qkv = [cfg.n_head * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd]  # [all q heads | all k heads | all v heads]
     for i in range(cfg.n_layer):
-        ours, hf = f"blocks.{i}.", f"model.layers.{i}."
-        out[hf + "input_layernorm.weight"] = sd[ours + "norm1.weight"]
-        out[hf + "post_attention_layernorm.weight"] = sd[ours + "norm2.weight"]
-        kinds = ("weight", "bias") if cfg.bias else ("weight",)
-        for kind in kinds:
-            q, k, v = _split_qkv(sd[f"{ours}attn.qkv.{kind}"], cfg)
-            out[f"{hf}self_attn.q_proj.{kind}"], out[f"{hf}self_attn.k_proj.{kind}"] = q, k
-            out[f"{hf}self_attn.v_proj.{kind}"] = v
-            out[f"{hf}self_attn.o_proj.{kind}"] = sd[f"{ours}attn.proj.{kind}"]
-            gate, up = sd[f"{ours}mlp.fc_in.{kind}"].chunk(2, dim=0)  # silu(gate) * up
-            out[f"{hf}mlp.gate_proj.{kind}"], out[f"{hf}mlp.up_proj.{kind}"] = gate, up
-            out[f"{hf}mlp.down_proj.{kind}"] = sd[f"{ours}mlp.fc_out.{kind}"]
+        ours, a, m = f"blocks.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        rows.append((ours + "norm1.weight", (f"model.layers.{i}.input_layernorm.weight",), None))
+        rows.append((ours + "norm2.weight", (f"model.layers.{i}.post_attention_layernorm.weight",), None))
+        for kind in ("weight", "bias") if cfg.bias else ("weight",):
+            rows += [
+                (f"{ours}attn.qkv.{kind}", (f"{a}q_proj.{kind}", f"{a}k_proj.{kind}", f"{a}v_proj.{kind}"), qkv),
+                (f"{ours}attn.proj.{kind}", (f"{a}o_proj.{kind}",), None),
+                (f"{ours}mlp.fc_in.{kind}", (f"{m}gate_proj.{kind}", f"{m}up_proj.{kind}"), [cfg.d_ff, cfg.d_ff]),
+                (f"{ours}mlp.fc_out.{kind}", (f"{m}down_proj.{kind}",), None),  # fc_in: silu(gate) * up
+            ]
+    return rows
+
+
+def llama_state_dict(cfg: GPTConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for ours, names, rows in _llama_table(cfg):
+        parts = (sd[ours],) if rows is None else sd[ours].split(rows, dim=0)
+        out.update(zip(names, parts))
     return out
 
 
@@ -343,23 +353,10 @@ def from_hf_state_dict(cfg: GPTConfig, arch: str, hf: dict[str, torch.Tensor]) -
     """ftlm's state dict (ftlm names) from a Hugging Face one; the inverse of to_hf_state_dict."""
     if arch == "GPTNeoXForCausalLM":
         return _from_neox(cfg, hf)
-    out = {"embed.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"]}
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = hf["lm_head.weight"]
-    for i in range(cfg.n_layer):
-        ours, p = f"blocks.{i}.", f"model.layers.{i}."
-        out[ours + "norm1.weight"] = hf[p + "input_layernorm.weight"]
-        out[ours + "norm2.weight"] = hf[p + "post_attention_layernorm.weight"]
-        for kind in ("weight", "bias") if cfg.bias else ("weight",):
-            a = p + "self_attn."
-            out[f"{ours}attn.qkv.{kind}"] = torch.cat(
-                [hf[f"{a}q_proj.{kind}"], hf[f"{a}k_proj.{kind}"], hf[f"{a}v_proj.{kind}"]], dim=0
-            )
-            out[f"{ours}attn.proj.{kind}"] = hf[f"{a}o_proj.{kind}"]
-            m = p + "mlp."
-            out[f"{ours}mlp.fc_in.{kind}"] = torch.cat([hf[f"{m}gate_proj.{kind}"], hf[f"{m}up_proj.{kind}"]], dim=0)
-            out[f"{ours}mlp.fc_out.{kind}"] = hf[f"{m}down_proj.{kind}"]
-    return out
+    return {
+        ours: hf[names[0]] if rows is None else torch.cat([hf[n] for n in names], dim=0)
+        for ours, names, rows in _llama_table(cfg)
+    }
 
 
 def _unneox_qkv(t: torch.Tensor, cfg: GPTConfig) -> torch.Tensor:
