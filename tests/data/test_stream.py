@@ -206,3 +206,19 @@ def test_two_processes_as_two_nodes_on_one_machine(embedded_prepared):
         resumed = build_train_loader(OmegaConf.create(cfg), 64, 4, rank, 2, seed=7)
         resumed.load_state_dict(outputs[0]["state"])
         assert output["after"] == digest([next(resumed) for _ in range(3)])
+
+
+def test_streaming_example_datasets_load_only_when_used():
+    """ftlm.data defers mosaicml-streaming's example datasets (C4 through transformers' AutoTokenizer, vision,
+    multimodal), seconds of imports per process; they still work on first use, by attribute or by submodule."""
+    code = (
+        "import sys, inspect, ftlm.data, streaming; from streaming import StreamingDataset, MDSWriter; "
+        "assert 'transformers.models.auto.tokenization_auto' not in sys.modules; "
+        "inspect.getmodule(inspect); assert 'transformers.models.auto.tokenization_auto' not in sys.modules; "
+        "import streaming.text.c4 as c4; assert c4.StreamingC4.__name__ == 'StreamingC4'; "
+        "assert streaming.text.StreamingPile.__name__ == 'StreamingPile'; "
+        "from streaming.vision import StreamingCIFAR10; print('ok')"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
