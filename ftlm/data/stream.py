@@ -75,6 +75,39 @@ def _world_of_one():
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+@contextmanager
+def _shared_memory_without_fds():
+    """While a StreamingDataset is made: streaming attaches to the shared memory of every dataset opened before it in
+    this process (to find a free prefix) and keeps each attachment, with its file descriptors, until the process
+    exits, so a process that opens many datasets (a test run, a notebook) runs out of descriptors ("Too many open
+    files"). Those attachments are read once, during construction: they are closed when it ends. The dataset's own
+    blocks keep their mapping but not the extra descriptor the mapping does not need."""
+    from streaming.base.shared.memory import SharedMemory
+
+    original = SharedMemory.__init__
+    attached = []
+
+    def init(self, name=None, create=None, size=0, auto_cleanup=True):
+        original(self, name, create, size, auto_cleanup)
+        block = getattr(self, "shm", None)  # multiprocessing.shared_memory.SharedMemory; close() skips fd -1
+        fd = getattr(block, "_fd", -1)
+        if isinstance(fd, int) and fd >= 0:
+            os.close(fd)
+            block._fd = -1
+        if create is False and block is not None:
+            attached.append(block)
+
+    try:
+        with mock.patch.object(SharedMemory, "__init__", init):
+            yield
+    finally:
+        for block in attached:
+            try:
+                block.close()  # the mapping too (its own duplicate descriptor); closing again at exit is harmless
+            except BufferError:  # still viewed from somewhere: leave it open
+                pass
+
+
 _CACHE_LOCK = ".in-use.lock"
 _held_cache_locks: dict[str, object] = {}  # folder -> open lock file, held until this process exits
 
@@ -187,7 +220,7 @@ def open_dataset(
         seed,
     )
     if key not in _datasets:
-        with _world_of_one():
+        with _world_of_one(), _shared_memory_without_fds():
             streams = [_stream(d, cache_dir, p) for d, p in zip(directories, proportions)]
             _datasets[key] = StreamingDataset(
                 streams=streams,

@@ -222,3 +222,27 @@ def test_streaming_example_datasets_load_only_when_used():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
+def test_opening_many_datasets_does_not_run_out_of_file_descriptors(tmp_path):
+    """streaming attaches to every earlier dataset's shared memory when it opens one and would keep those
+    descriptors for good (quadratic growth: 'Too many open files' in a long test run); each dataset now costs a
+    constant few."""
+    from streaming import MDSWriter
+
+    from ftlm.data.stream import open_dataset
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    counts = []
+    for k in range(8):
+        folder = tmp_path / f"split{k}"
+        with MDSWriter(out=str(folder), columns={"tokens": "ndarray:uint16"}) as writer:
+            for i in range(3):
+                writer.write({"tokens": np.arange(i + 1, dtype=np.uint16)})
+        dataset = open_dataset([str(folder)], str(tmp_path / "cache"))
+        assert dataset[2]["tokens"].tolist() == [0, 1, 2]
+        counts.append(open_fds())
+    growth = np.diff(counts)
+    assert growth.max() <= 10 and growth[-1] <= growth[0] + 2, counts  # constant per dataset, not growing with k
