@@ -296,7 +296,7 @@ def tokenize_task(
         clean_out = open(f"{clean_path}.tmp{os.getpid()}", "w", encoding="utf-8")
     chars = Counter()
     index = first
-    bos = np.array([tokenizer.bos_id] if tokenizer.adds_bos else [], dtype=token_dtype(tokenizer.vocab_size))
+    bos = np.array(tokenizer.document_start, dtype=token_dtype(tokenizer.vocab_size))
     for chunk in _chunks(_kept_texts(state, stream, task), len):
         for text, ids in zip(chunk, encoder.encode_batch(chunk)):  # the library's ids (ftlm/data/encode.py)
             split = "val" if is_val(index, n_docs, n_val) else "train"

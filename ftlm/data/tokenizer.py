@@ -115,10 +115,14 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    @property
+    def document_start(self) -> list[int]:
+        """What every document begins with before its text: [BOS] for a tokenizer that adds one, else nothing."""
+        return [self.bos_id] if self.adds_bos else []
+
     def encode_document(self, text: str) -> list[int]:
-        """A document's ids as training sees them: BOS first for a tokenizer that adds one (adds_bos)."""
-        ids = self.encode(text)
-        return [self.bos_id, *ids] if self.adds_bos else ids
+        """A document's ids as training sees them: document_start, then the text's ids."""
+        return self.document_start + self.encode(text)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]

@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = loaded.model, loaded.tokenizer
 
     # An empty prompt starts a new document: the model continues from end-of-text, as after every training document.
-    opening = [tokenizer.bos_id] if tokenizer.adds_bos else [tokenizer.eot_id]  # how a training document begins
+    opening = tokenizer.document_start or [tokenizer.eot_id]  # how a training document begins
     prompt_ids = tokenizer.encode_document(args.prompt) if args.prompt else opening
     if not prompt_ids:  # text the tokenizer turns into nothing (it normalises away): a new document too
         prompt_ids = opening

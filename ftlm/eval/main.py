@@ -127,7 +127,7 @@ def token_stream(docs: list[str], tokenizer) -> tuple[torch.Tensor, torch.Tensor
     before it closes the document before (or stands alone at the start)."""
     ids: list[int] = []
     starts: list[int] = []
-    bos = [tokenizer.bos_id] if tokenizer.adds_bos else []  # a Llama-style document starts with BOS, as in training
+    bos = tokenizer.document_start  # a Llama-style document starts with BOS, as in training
     for doc_ids in tokenizer.encode_batch(docs):
         ids.append(tokenizer.eot_id)
         starts.append(len(ids))
