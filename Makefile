@@ -20,7 +20,7 @@ help:
 install: $(STAMP)
 
 # torch comes first so that the extension's build (run without build isolation) compiles against it.
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/* csrc/*/*)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q torch numpy pybind11 ninja
@@ -52,4 +52,4 @@ bench: install
 	$(PY) benchmarks/train_step.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info ftlm/_C*.so
+	rm -rf $(VENV) build *.egg-info ftlm/_C*.so ftlm/_text*.so

@@ -1,4 +1,7 @@
-"""Builds the native extension ftlm._C from csrc/ (metadata lives in pyproject.toml).
+"""Builds the native extensions from csrc/ (metadata lives in pyproject.toml):
+
+  ftlm._C     csrc/*.cpp (+ csrc/*.cu): the model's kernels (fused cross-entropy), against torch
+  ftlm._text  csrc/text/: the data preparation's quality rules and MinHash, a plain CPython module (no torch)
 
 The C++ CPU kernels are always built. The CUDA kernels are added when FTLM_CUDA says so:
   FTLM_CUDA=1   build them, and fail if that is impossible (no nvcc, or a CPU-only torch)
@@ -9,8 +12,9 @@ The C++ CPU kernels are always built. The CUDA kernels are added when FTLM_CUDA 
 TORCH_CUDA_ARCH_LIST picks the GPU architectures (default when no GPU is visible: 8.0;9.0+PTX).
 MAX_JOBS caps parallel compile jobs (default: every core).
 
-If torch is not importable (for example under build isolation without torch), no extension is built and
-ftlm falls back to its PyTorch implementations with a warning at run time.
+If torch is not importable (for example under build isolation without torch), ftlm._C is not built and ftlm falls
+back to its PyTorch implementations with a warning at run time; ftlm._text is built either way (without it the data
+preparation uses its numpy versions, same results, slower).
 """
 
 import glob
@@ -102,6 +106,12 @@ def want_cuda(torch):
     return True
 
 
+def text_extension(flags):
+    from setuptools import Extension
+
+    return Extension("ftlm._text", sorted(glob.glob(os.path.join("csrc", "text", "*.cpp"))), extra_compile_args=flags)
+
+
 def extensions():
     try:
         import torch
@@ -110,7 +120,7 @@ def extensions():
             "torch is not importable: ftlm._C is not built; ftlm will use its PyTorch fallbacks. "
             "Install torch first and build with: pip install --no-build-isolation -e ."
         )
-        return [], {}
+        return [text_extension(["-O3", "-g0", "-std=c++17"])], {}
     with_cuda = want_cuda(torch)
     os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
     # Imported after CUDA_HOME is settled: torch.utils.cpp_extension reads it at import time.
@@ -134,7 +144,8 @@ def extensions():
             define_macros=[("FTLM_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
         )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+    build = BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+    return [ext, text_extension({"cxx": cxx_flags})], {"build_ext": build}
 
 
 ext_modules, cmdclass = extensions()

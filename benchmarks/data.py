@@ -88,7 +88,8 @@ def run_stages(cfg: dict, executor_name: str, workers: int, work: Path) -> dict:
 
     started = time.perf_counter()
     executor = make_executor(executor_name, workers)
-    list(executor.map(pipeline.warm_up, [(i,) for i in range(4 * workers)]))  # every worker started and imported
+    warm = [(i, cfg["tokenizer"]["path"]) for i in range(4 * workers)]
+    list(executor.map(pipeline.warm_up, warm))  # every worker started, imported, its encoder built
     startup = time.perf_counter() - started
     try:
         t = time.perf_counter()

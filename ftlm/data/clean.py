@@ -6,10 +6,12 @@ order and names the first one a document fails, so the report can count drops pe
 Rae et al. 2021 (Gopher), with the alphabetic checks generalised to a per-stream script (Hangul for `ko`,
 Latin for `en`), and an optional language-ID rule (`langid_min_prob`, py3langid: its model ships in its wheel).
 
-Speed: each document is scanned a fixed number of times whatever the number of rules: its code points once into a
-numpy array (letters, Hangul and Latin counted by table lookup, not one regex scan per rule), its words once
-(`str.split`) into 64-bit word hashes, and every n-gram rule works on those hashes with numpy (same decisions as
-counting n-gram tuples, up to 64-bit hash collisions).
+Speed: the rules run in C++ (`ftlm._text`, csrc/text/text_ops.cpp) over the code points of a whole batch, with the
+character classes passed in as tables built here from the regexes and `str.isspace`, so this file stays their one
+definition. The numpy version below is the reference and the fallback, with the same decisions: each document is
+scanned a fixed number of times whatever the number of rules, its code points once (letters, Hangul and Latin by
+table lookup), its words once (`str.split`) into 64-bit hashes, and every n-gram rule works on those hashes (same
+decisions as counting n-gram tuples, up to 64-bit hash collisions, in both versions).
 """
 
 from __future__ import annotations
@@ -22,9 +24,14 @@ from functools import lru_cache
 
 import numpy as np
 
+from .native import text_ops
+
 # Cc controls except tab and newline; format characters that are invisible in text (zero-width space/joiners,
-# word joiner, BOM, soft hyphen, bidi marks); the U+FFFD left behind by repaired invalid UTF-8.
-_INVISIBLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u00ad\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff\ufffd]")
+# word joiner, BOM, soft hyphen, bidi marks); the U+FFFD left behind by repaired invalid UTF-8, and lone surrogates
+# (JSON's "\ud800" escapes decode to them; they are no characters and UTF-8 cannot encode them).
+_INVISIBLE = re.compile(
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u00ad\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff\ufffd\ud800-\udfff]"
+)
 _ODD_SPACES = re.compile("[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
 _TRAILING_SPACE = re.compile("[ \t]+\n")
 _MANY_BLANK_LINES = re.compile("\n{3,}")
@@ -104,19 +111,24 @@ FILTERS = (
     "repeated_ngrams",
 )
 LANGID_CHARS = 2000  # language ID looks at a document's first characters: enough to tell, and bounded in cost
+_AFTER_LANGID = {FILTERS.index(name) + 1 for name in ("repeated_lines", "repeated_ngrams")}  # native reason codes
 _K = np.uint64(0x9E3779B97F4A7C15)
+# No code point from here on is a letter (planes 4-13 are unassigned, 14 holds tags and variation selectors, 15-16
+# private use): the letter table stops here (a test checks it against LETTER); HANGUL and LATIN lie in the BMP.
+LETTER_TABLE_END = 0x40000
 
 
 @lru_cache(maxsize=1)
-def _tables() -> dict[str, np.ndarray]:
-    """Per BMP code point: is it matched by LETTER / HANGUL / LATIN (the regexes stay the definition)."""
-    chars = "".join(map(chr, range(0x10000)))
+def char_tables() -> dict[str, np.ndarray]:
+    """uint8 per code point: is it matched by LETTER (up to LETTER_TABLE_END) / HANGUL / LATIN (BMP), and
+    str.isspace (BMP: no whitespace lies above it). The regexes and isspace stay the definitions."""
     tables = {}
-    for name, pattern in (("letter", LETTER), ("ko", HANGUL), ("en", LATIN)):
-        table = np.zeros(0x10000, dtype=np.int32)
-        for m in pattern.finditer(chars):
+    for name, pattern, end in (("letter", LETTER, LETTER_TABLE_END), ("ko", HANGUL, 0x10000), ("en", LATIN, 0x10000)):
+        table = np.zeros(end, dtype=np.uint8)
+        for m in pattern.finditer("".join(map(chr, range(end)))):
             table[m.start() : m.end()] = 1
         tables[name] = table
+    tables["space"] = np.fromiter((chr(c).isspace() for c in range(0x10000)), dtype=np.uint8, count=0x10000)
     return tables
 
 
@@ -125,8 +137,8 @@ def _char_counts(texts: list[str], script: str | None) -> tuple[np.ndarray, np.n
     n = len(texts)
     codes = np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
     doc = np.repeat(np.arange(n), np.fromiter(map(len, texts), dtype=np.int64, count=n))
-    tables = _tables()
-    index = np.minimum(codes, 0xFFFF)
+    tables = char_tables()
+    index = np.minimum(codes, 0xFFFF)  # the BMP part of each table; astral code points below
     astral = np.flatnonzero(codes > 0xFFFF)  # rare (emoji, historic scripts): the regexes decide those
     letter = tables["letter"][index]
     letter[astral] = [bool(LETTER.match(chr(c))) for c in codes[astral].tolist()]
@@ -163,19 +175,30 @@ class QualityFilter:
         """The first rule `text` (already normalised) fails, or None if it passes them all."""
         return self.reject_reasons([text])[0]
 
-    def reject_reasons(self, texts: list[str]) -> list[str | None]:
-        """`reject_reason` of every text, computed for the whole batch at once (numpy over all their characters and
-        words, not one pass per rule and document)."""
+    def reject_reasons(self, texts: list[str], native: bool | None = None) -> list[str | None]:
+        """`reject_reason` of every text, computed for the whole batch at once."""
+        return self.judge(texts, native)[0]
+
+    def judge(self, texts: list[str], native: bool | None = None) -> tuple[list[str | None], np.ndarray]:
+        """(reject reason of every text, (D,) int64 number of words = len(text.split())). native: use ftlm._text
+        (None: when built; False: the numpy reference)."""
+        ops = text_ops(native)
+        if ops is not None:
+            return self._judge_native(texts, ops)
         c = self.config
         out: list[str | None] = [None] * len(texts)
+        n_words = np.zeros(len(texts), dtype=np.int64)
         alive, words_of = [], []
         for i, text in enumerate(texts):
             if c.min_chars is not None and len(text) < c.min_chars:
                 out[i] = "too_short"
+                n_words[i] = len(text.split())
             elif c.max_chars is not None and len(text) > c.max_chars:
                 out[i] = "too_long"
+                n_words[i] = len(text.split())
             else:
                 words = text.split()
+                n_words[i] = len(words)
                 if c.min_words is not None and len(words) < c.min_words:
                     out[i] = "too_few_words"
                 elif (
@@ -188,7 +211,7 @@ class QualityFilter:
                     alive.append(i)
                     words_of.append(words)
         if not alive:
-            return out
+            return out, n_words
         letters, in_script = _char_counts([texts[i] for i in alive], self.lang if self.script is not None else None)
         survivors, survivor_words = [], []
         for k, i in enumerate(alive):
@@ -213,7 +236,41 @@ class QualityFilter:
             for i, repeated in zip(survivors, _NGramRules(self.config, survivor_words).repeated()):
                 if repeated:
                     out[i] = "repeated_ngrams"
-        return out
+        return out, n_words
+
+    def _judge_native(self, texts: list[str], ops) -> tuple[list[str | None], np.ndarray]:
+        c = self.config
+        n = len(texts)
+        codes = np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, texts), dtype=np.int64, count=n), out=offsets[1:])
+        tables = char_tables()
+        off = float("nan")
+        thresholds = tuple(
+            off if v is None else float(v)
+            for v in (
+                c.min_chars,
+                c.max_chars,
+                c.min_words,
+                c.max_mean_word_chars,
+                c.min_letter_share,
+                c.min_script_share,
+                c.max_dup_line_frac,
+                c.max_dup_line_char_frac,
+            )
+        )
+        top = np.array(sorted(c.max_top_ngram_frac.items()), dtype=np.float64).reshape(-1, 2)
+        dup = np.array(sorted(c.max_dup_ngram_frac.items()), dtype=np.float64).reshape(-1, 2)
+        script = tables[self.lang] if self.script is not None else None
+        codes_raw, words_raw = ops.quality(
+            codes, offsets, tables["space"], tables["letter"], script, thresholds, top, dup
+        )
+        reasons = [FILTERS[code - 1] if code else None for code in codes_raw]
+        if self._identify is not None:  # language ID comes after the script rule, before the repetition rules
+            for i, code in enumerate(codes_raw):
+                if (code == 0 or code in _AFTER_LANGID) and self._wrong_id(texts[i]):
+                    reasons[i] = "wrong_language_id"
+        return reasons, np.frombuffer(words_raw, dtype=np.int64)
 
     def _wrong_id(self, text: str) -> bool:
         lang, prob = self._identify(text[:LANGID_CHARS])

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import minhash
+from .clean import char_tables
+from .native import text_ops
 
 EXACT, NEAR = 0, 1
 REASONS = ("exact", "near")
@@ -66,9 +68,17 @@ def exact_key(text: str) -> bytes:
     return hashlib.blake2b(canonical.encode("utf-8"), digest_size=16).digest()
 
 
-def exact_keys(texts: list[str]) -> np.ndarray:
-    """(D, 2) uint64: the 128-bit exact keys."""
-    blob = b"".join(exact_key(t) for t in texts)
+def exact_keys(texts: list[str], native: bool | None = None, codes: np.ndarray | None = None) -> np.ndarray:
+    """(D, 2) uint64: the 128-bit exact keys (`exact_key` of each text). native: the canonical texts come from
+    ftlm._text (None: when built), hashed the same way; codes: minhash.lowered_codes(texts) if the caller has them."""
+    ops = text_ops(native)
+    if ops is None or not texts:
+        blob = b"".join(exact_key(t) for t in texts)
+    else:
+        codes = minhash.lowered_codes(texts) if codes is None else codes
+        canonical, offsets = ops.canonical(codes, len(texts), char_tables()["space"])
+        view, at = memoryview(canonical), np.frombuffer(offsets, dtype=np.int64).tolist()
+        blob = b"".join(hashlib.blake2b(view[at[i] : at[i + 1]], digest_size=16).digest() for i in range(len(texts)))
     return np.frombuffer(blob, dtype=np.uint64).reshape(len(texts), 2).copy()
 
 
@@ -103,8 +113,9 @@ def _by_partition(rows: np.ndarray, part: np.ndarray, partitions: int) -> tuple[
 
 def fingerprint(texts: list[str], config: DedupConfig) -> tuple[np.ndarray | None, np.ndarray | None]:
     """-> exact keys (D, 2) uint64 (None if data.dedup.exact is off), signatures (D, P) uint32 (None if near is off)."""
-    keys = exact_keys(texts) if config.exact else None
-    sigs = minhash.signatures(texts, config.num_perm, config.ngram, config.seed) if config.near else None
+    codes = minhash.lowered_codes(texts) if text_ops() is not None and texts else None  # shared by both
+    keys = exact_keys(texts, codes=codes) if config.exact else None
+    sigs = minhash.signatures(texts, config.num_perm, config.ngram, config.seed, codes=codes) if config.near else None
     return keys, sigs
 
 

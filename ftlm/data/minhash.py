@@ -10,6 +10,9 @@ A "word" is a maximal run of letters, digits and '_' (ASCII) or of any non-ASCII
 punctuation (so Hangul, CJK and accented Latin are word characters), close to the regex \\w that the old per-document
 code used. Documents with fewer than `ngram` words get one shingle of all their words (as datasketch users usually do).
 
+`signatures` runs in C++ when ftlm._text is built (csrc/text/text_ops.cpp: the same arithmetic, bit-identical results,
+tested); the numpy code here is its reference and fallback.
+
 Parameters follow datasketch: `threshold`, `num_perm`, `ngram`, `seed`; the bands x rows split is chosen the way
 datasketch's MinHashLSH does (minimising weighted false positive / false negative areas), with false negatives weighted
 0.95 because every candidate pair is verified on its signatures afterwards (`similarity`), which removes the false
@@ -21,6 +24,8 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
+
+from .native import text_ops
 
 _U64 = np.uint64
 _WORD_PRIME = _U64(0x100000001B3)  # FNV-style multiplier for the polynomial word hash
@@ -98,11 +103,22 @@ def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
+# Word characters as one table over the BMP for the C++ path (no range reaches above it: astral code points are words).
+assert int(_NON_WORD_RANGES.max()) < 0x10000
+_WORD_TABLE = word_mask(np.arange(0x10000, dtype=np.uint32)).view(np.uint8)
+
+
+def lowered_codes(texts: list[str]) -> np.ndarray:
+    """(C,) uint32 code points of the lower-cased documents with NUL between them (NUL is no word character, so words
+    never span two documents; a NUL inside a document counts as the space it is, not as a separator)."""
+    joined = "\x00".join(t.replace("\x00", " ") if "\x00" in t else t for t in texts).lower()
+    return np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+
+
 def shingle_hashes(texts: list[str], ngram: int) -> tuple[np.ndarray, np.ndarray]:
     """-> (S,) uint64 shingle hashes of all documents and (D+1,) offsets: document d owns [off[d], off[d+1])."""
     n_docs = len(texts)
-    joined = "\x00".join(texts).lower()  # NUL is no word character: words never span two documents
-    codes = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32)
+    codes = lowered_codes(texts)
     if codes.size == 0:
         return np.zeros(0, dtype=np.uint64), np.zeros(n_docs + 1, dtype=np.int64)
     # Document of every character: lower() can change lengths (rarely), so find the separators instead of summing.
@@ -159,10 +175,25 @@ def _powers(n: int) -> np.ndarray:
     return np.cumprod(steps, dtype=np.uint64)
 
 
-def signatures(texts: list[str], num_perm: int = 128, ngram: int = 5, seed: int = 1) -> np.ndarray:
-    """(D, num_perm) uint32 MinHash signatures; a document without words gets all 0xFFFFFFFF (matches nothing)."""
-    hashes, offsets = shingle_hashes(texts, ngram)
+def signatures(
+    texts: list[str],
+    num_perm: int = 128,
+    ngram: int = 5,
+    seed: int = 1,
+    native: bool | None = None,
+    codes: np.ndarray | None = None,
+) -> np.ndarray:
+    """(D, num_perm) uint32 MinHash signatures; a document without words gets all 0xFFFFFFFF (matches nothing).
+    native: use ftlm._text (None: when built; False: this file's numpy reference). codes: lowered_codes(texts) when
+    the caller has them already."""
     a, b = permutations(num_perm, seed)
+    ops = text_ops(native)
+    if ops is not None:
+        out = np.empty((len(texts), num_perm), dtype=np.uint32)
+        codes = lowered_codes(texts) if codes is None else codes
+        ops.minhash(codes, len(texts), ngram, a.ravel(), b.ravel(), _WORD_TABLE, out)
+        return out
+    hashes, offsets = shingle_hashes(texts, ngram)
     out = np.full((len(texts), num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
     counts = np.diff(offsets)
     docs = np.flatnonzero(counts)

@@ -69,10 +69,17 @@ def _quality(clean_cfg: dict, lang: str | None) -> QualityFilter:
 BPE_CACHE_WORDS = 1 << 18  # words whose BPE result a tokenize worker remembers (the library's default is 10,000)
 
 
+def _content_key(path: str) -> str:
+    """What a cached tokenizer is keyed by: its file's content, so that every copy of it (the preparation's own, the
+    one a worker was warmed up with) shares one tokenizer and one table of units per process."""
+    with open(path, "rb") as f:
+        return hashlib.blake2b(f.read(), digest_size=16).hexdigest()
+
+
 def _tokenizer(path: str) -> Tokenizer:
     """The tokenizer at `path`, set up for speed with the same ids: a larger BPE word cache, and no NFC normaliser
     when that is all it has (every document was NFC-normalised by the clean stage, and NFC is idempotent)."""
-    key = ("tokenizer", path, os.path.getmtime(path))
+    key = ("tokenizer", _content_key(path))
     if key not in _CACHE:
         from tokenizers import models
 
@@ -94,7 +101,7 @@ def _tokenizer(path: str) -> Tokenizer:
 
 def _encoder(path: str) -> FastEncoder:
     """The tokenize stage's encoder for the tokenizer at `path`; its table of units is kept for the process's tasks."""
-    key = ("encoder", path, os.path.getmtime(path))
+    key = ("encoder", _content_key(path))
     if key not in _CACHE:
         tokenizer = _tokenizer(path)
         _CACHE[key] = FastEncoder(tokenizer, token_dtype(tokenizer.vocab_size))
@@ -201,22 +208,24 @@ def clean_task(
     with open(tmp, "w", encoding="utf-8") as out:
         for chunk in _chunks((doc.text for doc in raw), len):
             counts["docs_in"] += len(chunk)
-            counts["bytes_in"] += sum(len(t.encode("utf-8")) for t in chunk)
+            counts["bytes_in"] += sum(len(t.encode("utf-8", "surrogatepass")) for t in chunk)  # JSON may hold "\\ud800"
             texts = [normalize(t) for t in chunk]
-            kept = []
-            for text, reason in zip(texts, quality.reject_reasons(texts)):  # one batched pass over all the rules
+            kept, kept_words = [], []
+            reasons, n_words = quality.judge(texts)  # one batched pass over all the rules
+            for text, reason, words in zip(texts, reasons, n_words.tolist()):
                 reason = reason if text else "empty_after_cleaning"
                 if reason:
                     filtered[reason] += 1
                 else:
                     kept.append(text)
+                    kept_words.append(words)
             if not kept:
                 continue
             out.write("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in kept))
             k, s = dedup.fingerprint(kept, dedup_cfg)
             keys.append(k)
             sigs.append(s)
-            meta.append([(len(t), len(t.split()), len(t.encode("utf-8"))) for t in kept])
+            meta.append([(len(t), w, len(t.encode("utf-8"))) for t, w in zip(kept, kept_words)])
     os.replace(tmp, docs_path)
     n = sum(map(len, meta))
     keys = np.concatenate(keys) if keys and keys[0] is not None else None
@@ -452,13 +461,18 @@ def _merge_issues(results: list[dict]) -> dict:
     }
 
 
-def warm_up(_: Any = None) -> int:
-    """Import and build what tasks need (streaming, the filter tables): a benchmark times work, not start-up."""
+def warm_up(_: Any = None, tokenizer_path: str | None = None) -> int:
+    """Import and build what tasks need (streaming, the filter tables, the tokenize stage's encoder when given its
+    tokenizer): a benchmark times work, not start-up."""
     import streaming  # noqa: F401
 
-    from .clean import _tables
+    from .clean import char_tables
+    from .native import text_ops
 
-    _tables()
+    char_tables()
+    text_ops()
+    if tokenizer_path is not None:
+        _encoder(tokenizer_path)
     return os.getpid()
 
 

@@ -75,6 +75,9 @@ class Tokenizer:
         # Text that happens to contain "<|endoftext|>" is data, not a document boundary.
         tokenizer.encode_special_tokens = True
         self._tok = tokenizer
+        # The library recounts its vocabulary on every get_vocab_size (~3 ms at 32k); a Tokenizer grows only through
+        # add_special_tokens below (extending one builds a new one), so it is counted then.
+        self._vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
         self.eot_id: int = tokenizer.token_to_id(eot)
         self.pad_id: int = tokenizer.token_to_id(pad) if pad is not None else self.eot_id
         bos = next((t for t in BOS_NAMES if t in vocab), None)
@@ -110,7 +113,7 @@ class Tokenizer:
     # -- the interface used by training and evaluation --------------------------------------------------------
     @property
     def vocab_size(self) -> int:
-        return self._tok.get_vocab_size(with_added_tokens=True)
+        return self._vocab_size
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -221,6 +224,7 @@ def add_special_tokens(tokenizer: Tokenizer, tokens: Sequence[str]) -> Tokenizer
     missing = [t for t in tokens if tokenizer.backend.token_to_id(t) is None]
     if missing:
         tokenizer.backend.add_special_tokens(missing)
+        tokenizer._vocab_size = tokenizer.backend.get_vocab_size(with_added_tokens=True)
     return tokenizer
 
 

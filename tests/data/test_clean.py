@@ -22,6 +22,7 @@ def test_normalize_composes_jamo_and_strips_invisible_characters():
     assert normalize(decomposed) == "한국어 문장"
     assert normalize("zero\u200bwidth\u2060 and\ufeff bom\u00ad") == "zerowidth and bom"
     assert normalize("bell\x07 and nul\x00 and repaired \ufffd byte") == "bell and nul and repaired  byte"
+    assert normalize("lone \ud800surrogate\udfff from a JSON escape") == "lone surrogate from a JSON escape"
     assert normalize("a\r\nb\rc") == "a\nb\nc"
     assert normalize("  wide\u3000space\u00a0nbsp  \n\n\n\nnext   \n") == "wide space nbsp\n\nnext"
     assert normalize("keep\ttabs\n    and indentation") == "keep\ttabs\n    and indentation"
@@ -129,11 +130,12 @@ def reference_reason(config: CleanConfig, lang, text: str):
     return None
 
 
-def test_batched_filter_matches_the_reference_on_random_documents():
+@pytest.mark.parametrize("native", [True, False], ids=["c++", "numpy"])
+def test_batched_filter_matches_the_reference_on_random_documents(native):
     import random
 
     rng = random.Random(0)
-    pool = (KO + " " + EN).split() + ["½", "Ⅻ", "²", "🙂", "𝔘𝔫𝔦", "x_y", "42", "—", "…"]
+    pool = (KO + " " + EN).split() + ["½", "Ⅻ", "²", "🙂", "𝔘𝔫𝔦", "x_y", "42", "—", "…", "𠀀한", "ǅ", "\x1c", "\x85"]
     texts = []
     for _ in range(400):
         words = [rng.choice(pool) for _ in range(rng.randint(3, 120))]
@@ -141,24 +143,32 @@ def test_batched_filter_matches_the_reference_on_random_documents():
             k = rng.randint(2, 12)
             start = rng.randrange(max(len(words) - k, 1))
             words += words[start : start + k] * rng.randint(1, 4)
-        lines = [" ".join(words[i : i + 9]) for i in range(0, len(words), 9)]
+        lines = [rng.choice(" \u3000\t").join(words[i : i + 9]) for i in range(0, len(words), 9)]
         if rng.random() < 0.2:
             lines += lines[: rng.randint(1, 3)]
-        texts.append(normalize("\n".join(lines)))
+        if rng.random() < 0.1:
+            lines.insert(rng.randrange(len(lines) + 1), rng.choice(["   ", "\t", "\u2028", ""]))  # blank lines
+        texts.append("\n".join(lines) if rng.random() < 0.2 else normalize("\n".join(lines)))
     configs = [CleanConfig(min_chars=20, min_words=3), CleanConfig(min_chars=None, max_dup_line_frac=None)]
     configs.append(CleanConfig(min_chars=10, max_top_ngram_frac={2: 0.05, 3: 0.04}, max_dup_ngram_frac={5: 0.02}))
     seen = set()
     for config in configs:
         for lang in (None, "ko", "en"):
-            got = QualityFilter(config, lang).reject_reasons(texts)
+            got, words = QualityFilter(config, lang).judge(texts, native=native)
             assert got == [reference_reason(config, lang, t) for t in texts]
+            assert words.tolist() == [len(t.split()) for t in texts]
             seen.update(got)
     assert {"repeated_ngrams", "repeated_lines", "wrong_language", None} <= seen  # the set exercises the rules
 
 
-def test_optional_language_id_filter():
+@pytest.mark.parametrize("native", [True, False], ids=["c++", "numpy"])
+def test_optional_language_id_filter(native):
     pytest.importorskip("py3langid")
     config = CleanConfig(min_chars=100, min_words=10, min_script_share=None, langid_min_prob=0.9)
-    assert QualityFilter(config, "ko").reject_reasons([KO, EN]) == [None, "wrong_language_id"]
-    assert QualityFilter(config, "en").reject_reasons([KO, EN]) == ["wrong_language_id", None]
-    assert QualityFilter(config, None).reject_reasons([KO, EN]) == [None, None]  # needs data.lang to know
+    assert QualityFilter(config, "ko").reject_reasons([KO, EN], native) == [None, "wrong_language_id"]
+    assert QualityFilter(config, "en").reject_reasons([KO, EN], native) == ["wrong_language_id", None]
+    assert QualityFilter(config, None).reject_reasons([KO, EN], native) == [None, None]  # needs data.lang to know
+    # language ID is tried after the script rule and before the repetition rules, in both versions
+    repeated = "\n".join([KO] * 3)
+    assert QualityFilter(config, "en").reject_reasons([repeated], native) == ["wrong_language_id"]
+    assert QualityFilter(config, "ko").reject_reasons([repeated], native) == ["repeated_lines"]

@@ -64,8 +64,9 @@ def assert_same(encoder: FastEncoder, tokenizer: Tokenizer, texts: list[str]) ->
         assert a.tolist() == b, repr(text)
 
 
-def test_tricky_texts(tokenizer):
-    encoder = FastEncoder(tokenizer)
+@pytest.mark.parametrize("native", [True, False], ids=["c++", "python"])
+def test_tricky_texts(tokenizer, native):
+    encoder = FastEncoder(tokenizer, native=native)
     assert encoder.fast
     assert_same(encoder, tokenizer, TRICKY)
     # texts with other whitespace went to the library; the rest were split into units
@@ -73,31 +74,34 @@ def test_tricky_texts(tokenizer):
     assert encoder.stats["units"] > 0
 
 
-def test_random_texts(tokenizer):
+@pytest.mark.parametrize("native", [True, False], ids=["c++", "python"])
+def test_random_texts(tokenizer, native):
     rng = random.Random(0)
     alphabet = list("abcXYZ가나다한국어'sdt0123.,!?-_") + [" "] * 8 + ["\n", "\t", "\r", "\u00a0", "😀", "\u0301"]
     texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))) for _ in range(600)]
-    encoder = FastEncoder(tokenizer)
+    encoder = FastEncoder(tokenizer, native=native)
     for i in range(0, len(texts), 100):  # several chunks: later ones reuse the table
         assert_same(encoder, tokenizer, texts[i : i + 100])
     assert encoder.stats["unit_misses"] < encoder.stats["units"]
 
 
-def test_corpus_and_a_table_that_overflows(tokenizer):
+@pytest.mark.parametrize("native", [True, False], ids=["c++", "python"])
+def test_corpus_and_a_table_that_overflows(tokenizer, native):
     docs = [unicodedata.normalize("NFC", d["text"]) for d in [*corpus.korean_documents(), *corpus.english_documents()]]
-    encoder = FastEncoder(tokenizer, dtype=np.uint16, max_units=500)  # cleared again and again
+    encoder = FastEncoder(tokenizer, dtype=np.uint16, max_units=500, native=native)  # cleared again and again
     for i in range(0, len(docs), 7):
         assert_same(encoder, tokenizer, docs[i : i + 7])
-    assert encoder.stats["unit_misses"] > len(encoder.index)  # the table was cleared and refilled
+    assert encoder.stats["unit_misses"] > encoder._n_units  # the table was cleared and refilled
     assert encoder.encode_batch(docs[:1])[0].dtype == np.uint16
 
 
-def test_a_non_special_added_token_is_cut_out_by_the_library(tokenizer):
+@pytest.mark.parametrize("native", [True, False], ids=["c++", "python"])
+def test_a_non_special_added_token_is_cut_out_by_the_library(tokenizer, native):
     from tokenizers import Tokenizer as HF
 
     tok = Tokenizer(HF.from_str(tokenizer.to_str()))
     tok.backend.add_tokens(["대한민국"])
-    encoder = FastEncoder(tok)
+    encoder = FastEncoder(tok, native=native)
     texts = ["대한민국은 민주공화국이다", "우리 대한민국", "no added token here"]
     assert_same(encoder, tok, texts)
     assert encoder.stats["fallback_texts"] == 2

@@ -246,6 +246,24 @@ def test_fast_tokenizer_setup_gives_the_same_ids(corpus, local_run):
     assert fast.encode_batch(texts) == Tokenizer.load(path).encode_batch(texts)
 
 
+def test_lone_surrogates_from_json_escapes_are_removed_not_fatal(tmp_path):
+    """JSON may escape half of a surrogate pair ("\\ud800"): no character, and UTF-8 cannot encode it. Cleaning removes
+    it like other invisible characters, so the exact key, the shards and the report never meet it."""
+    rng = random.Random(5)
+    texts = [english(rng) for _ in range(12)]
+    texts[3] = texts[3].replace(" ", " \ud800", 1)  # lone surrogates: json.dumps writes them as escapes
+    texts[7] = texts[7].replace(" ", "\udfff ", 1)
+    lines = [json.dumps({"text": t}) for t in texts]
+    assert "\\ud800" in lines[3]
+    (tmp_path / "en.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    cfg = config({"en": [str(tmp_path / "en.jsonl")]}, num_workers=1, lang={"en": "en"}, dedup={"near": False})
+    work = tmp_path / "work"
+    result = pipeline.run(cfg, ["en"], str(work), None)
+    assert result["streams"]["en"]["docs_out"] == 12
+    decoded = prepared_texts(work, ("en",))["en"]
+    assert sum(decoded.values()) == 12 and not any(0xD800 <= ord(c) <= 0xDFFF for t in decoded for c in t)
+
+
 def test_executor_errors_say_what_to_do(monkeypatch):
     with pytest.raises(ExecutorError, match="data.ray_address=127.0.0.1:9: no Ray head reachable"):
         make_executor("ray", 1, "127.0.0.1:9")

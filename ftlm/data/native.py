@@ -1,0 +1,45 @@
+"""Loads ftlm._text (csrc/text/text_ops.cpp), the C++ versions of the clean stage's per-character work: the quality
+rules (`clean.QualityFilter`) and MinHash signatures (`minhash.signatures`).
+
+The numpy versions beside them stay the reference and the fallback: same decisions and bit-identical signatures
+(tests/data/test_native.py), so a preparation does not depend on whether the extension was built, only its speed does.
+Without it, one warning names the build command. `FTLM_NATIVE_TEXT=0` turns it off (to compare, or to rule it out).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+_UNSET = object()
+_module = _UNSET
+
+
+def text_ops(wanted: bool | None = None):
+    """The ftlm._text module, or None for the numpy path. wanted=None: use it when built (and not switched off);
+    True: it must be there; False: never."""
+    global _module
+    if wanted is False:
+        return None
+    if _module is _UNSET:
+        if os.environ.get("FTLM_NATIVE_TEXT", "1") == "0":
+            _module = None
+        else:
+            try:
+                from ftlm import _text
+
+                _module = _text
+            except ImportError as e:
+                _module = None
+                log.warning(
+                    "ftlm._text is not built (%s): data preparation uses its numpy quality rules and MinHash, same "
+                    "results, about 3x slower. Build it with `pip install --no-build-isolation -e .`.",
+                    e,
+                )
+    if wanted and _module is None:
+        raise RuntimeError(
+            "ftlm._text is needed here but missing or off (FTLM_NATIVE_TEXT=0); build it with "
+            "`pip install --no-build-isolation -e .`"
+        )
+    return _module
