@@ -221,27 +221,25 @@ def similarity(sig_a: np.ndarray, sig_b: np.ndarray) -> np.ndarray:
     return (sig_a == sig_b).mean(axis=-1)
 
 
-def _false_positive_area(threshold: float, b: int, r: int) -> float:
-    x = np.linspace(0.0, threshold, 201)
-    return float(np.trapezoid(1 - (1 - x**r) ** b, x))
-
-
-def _false_negative_area(threshold: float, b: int, r: int) -> float:
-    x = np.linspace(threshold, 1.0, 201)
-    return float(np.trapezoid(1 - (1 - (1 - x**r) ** b), x))
+def _areas(threshold: float, b: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """False positive / false negative areas under the LSH S-curve 1 - (1 - s^r)^b, for arrays of (b, r) at once."""
+    lo = np.linspace(0.0, threshold, 201)[None, :]
+    hi = np.linspace(threshold, 1.0, 201)[None, :]
+    b, r = b[:, None].astype(np.float64), r[:, None].astype(np.float64)
+    fp = np.trapezoid(1 - (1 - lo**r) ** b, lo, axis=1)
+    fn = np.trapezoid(1 - (1 - (1 - hi**r) ** b), hi, axis=1)
+    return fp, fn
 
 
 @lru_cache(maxsize=16)
 def band_params(threshold: float, num_perm: int, false_negative_weight: float = FALSE_NEGATIVE_WEIGHT) -> tuple:
-    """(bands, rows) with bands * rows <= num_perm minimising the weighted error areas (datasketch's method)."""
-    best, best_err = (1, num_perm), float("inf")
-    for b in range(1, num_perm + 1):
-        for r in range(1, num_perm // b + 1):
-            err = (1 - false_negative_weight) * _false_positive_area(threshold, b, r)
-            err += false_negative_weight * _false_negative_area(threshold, b, r)
-            if err < best_err:
-                best, best_err = (b, r), err
-    return best
+    """(bands, rows) with bands * rows <= num_perm minimising the weighted error areas (datasketch's method; the
+    first of equal ones in its loop order, b then r)."""
+    pairs = np.array([(b, r) for b in range(1, num_perm + 1) for r in range(1, num_perm // b + 1)], dtype=np.int64)
+    fp, fn = _areas(threshold, pairs[:, 0], pairs[:, 1])
+    err = (1 - false_negative_weight) * fp + false_negative_weight * fn
+    b, r = pairs[int(np.argmin(err))]
+    return int(b), int(r)
 
 
 def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:

@@ -466,6 +466,8 @@ def warm_up(_: Any = None, tokenizer_path: str | None = None) -> int:
     tokenizer): a benchmark times work, not start-up."""
     import streaming  # noqa: F401
 
+    from ftlm.checkpoint import atomic  # noqa: F401  (the tasks' atomic writes)
+
     from .clean import char_tables
     from .native import text_ops
 

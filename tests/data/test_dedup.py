@@ -134,3 +134,24 @@ def test_duplicate_across_two_tasks_and_partitions_is_caught(tmp_path):
     assert clusters(str(tmp_path), 3) == {"exact": 1, "near": 1}
     assert drops(str(tmp_path), 0).size == 0
     assert sorted(map(tuple, drops(str(tmp_path), 1).tolist())) == [(1, 1), (2, 0)]
+
+
+def test_band_params_follow_datasketchs_loop():
+    """The vectorised (bands, rows) is the one datasketch's double loop picks (the first minimum in b, r order)."""
+
+    def reference(threshold, num_perm, weight):
+        lo, hi = np.linspace(0.0, threshold, 201), np.linspace(threshold, 1.0, 201)
+        best, best_err = (1, num_perm), float("inf")
+        for b in range(1, num_perm + 1):
+            for r in range(1, num_perm // b + 1):
+                fp = float(np.trapezoid(1 - (1 - lo**r) ** b, lo))
+                fn = float(np.trapezoid(1 - (1 - (1 - hi**r) ** b), hi))
+                err = (1 - weight) * fp + weight * fn
+                if err < best_err:
+                    best, best_err = (b, r), err
+        return best
+
+    for threshold in (0.5, 0.8, 0.9):
+        for num_perm in (16, 128):
+            for weight in (0.5, minhash.FALSE_NEGATIVE_WEIGHT):
+                assert minhash.band_params(threshold, num_perm, weight) == reference(threshold, num_perm, weight)
