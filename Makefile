@@ -26,6 +26,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/* csrc/*/*)
 	$(PIP) install -q torch numpy pybind11 ninja
 	$(PIP) install -q --no-build-isolation -e ".[dev]"
 	@$(PY) -c "import ftlm.kernels.ext as e; print('ftlm._C extension:', 'built' if e.has_extension() else 'missing (PyTorch fallback)')"
+	@$(PY) -c "from ftlm.data.native import text_ops; print('ftlm._text extension:', 'built' if text_ops() else 'missing (numpy fallback)')"
 	@touch $@
 
 demo: install

@@ -105,3 +105,24 @@ def test_bad_arguments_are_errors_not_crashes():
         ops.canonical(codes, 3, char_tables()["space"])
     with pytest.raises(ValueError, match="incorrect name"):
         ops.bpe_encode(ops.units_new(), ["x"])  # a unit table is not a BPE
+
+
+def test_without_the_extension_the_numpy_paths_run_and_say_so(monkeypatch, caplog):
+    import sys
+
+    import ftlm
+    from ftlm.data import native
+
+    monkeypatch.setattr(native, "_module", native._UNSET)
+    monkeypatch.delattr(ftlm, "_text", raising=False)
+    monkeypatch.setitem(sys.modules, "ftlm._text", None)  # an import that fails, as when it was never built
+    with caplog.at_level("WARNING", logger="ftlm.data.native"):
+        assert native.text_ops() is None
+    assert "pip install --no-build-isolation -e ." in caplog.text
+    with pytest.raises(RuntimeError, match="ftlm._text is needed"):
+        native.text_ops(True)
+    texts = documents()[:50]
+    assert np.array_equal(minhash.signatures(texts), minhash.signatures(texts, native=False))
+    monkeypatch.setattr(native, "_module", native._UNSET)
+    monkeypatch.setenv("FTLM_NATIVE_TEXT", "0")
+    assert native.text_ops() is None and native._module is None  # switched off, before any import
