@@ -246,6 +246,22 @@ def test_fast_tokenizer_setup_gives_the_same_ids(corpus, local_run):
     assert fast.encode_batch(texts) == Tokenizer.load(path).encode_batch(texts)
 
 
+def test_without_the_native_extension_the_preparation_is_the_same(corpus, local_run, tmp_path, monkeypatch):
+    from ftlm.data import native
+
+    sources, _, _ = corpus
+    work, result = local_run  # made with ftlm._text
+    assert native.text_ops() is not None
+    monkeypatch.setattr(native, "_module", None)  # as when it is not built: numpy rules and MinHash, Python table
+    monkeypatch.setattr(pipeline, "_CACHE", {})  # no encoder or filter made with it before
+    plain = pipeline.run(config(sources, num_workers=1), ["ko", "en"], str(tmp_path), None)  # in this process
+    encoders = [v for v in pipeline._CACHE.values() if isinstance(v, pipeline.FastEncoder)]
+    assert encoders and all(e._table is None and e._bpe is None for e in encoders)
+    assert comparable(plain) == comparable(result)
+    assert prepared_texts(tmp_path) == prepared_texts(work)
+    assert (tmp_path / "tokenizer.json").read_bytes() == (work / "tokenizer.json").read_bytes()
+
+
 def test_lone_surrogates_from_json_escapes_are_removed_not_fatal(tmp_path):
     """JSON may escape half of a surrogate pair ("\\ud800"): no character, and UTF-8 cannot encode it. Cleaning removes
     it like other invisible characters, so the exact key, the shards and the report never meet it."""
