@@ -34,6 +34,17 @@ inline u64 mix(u64 x) {  // splitmix64 finaliser, as ftlm.data.minhash._mix
   return x ^ (x >> 31);
 }
 
+// FNV-1a over a run of code points, its length mixed in: the key of a word, a line or a unit in the hash tables
+// below (compared by key only where the numpy reference also compares 64-bit hashes).
+inline u64 hash_run(const u32* s, Py_ssize_t n) {
+  u64 h = 0xCBF29CE484222325ULL;
+  for (Py_ssize_t i = 0; i < n; ++i) h = (h ^ s[i]) * 0x100000001B3ULL;
+  return mix(h ^ static_cast<u64>(n));
+}
+
+// The whitespace that separates the tokenize stage's units (encode._UNITS).
+inline bool split_space(u32 c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
+
 // A read-only view of a Python buffer with a checked element size.
 template <typename T>
 struct View {
@@ -358,7 +369,7 @@ class Judge {
  private:
   bool is_space(u32 c) const { return c < 0x10000 && t_.space[c]; }
 
-  // text.split(): word hashes (FNV-1a over code points, mixed) and lengths
+  // text.split(): word hashes and lengths
   void split_words(const u32* text, Py_ssize_t length) {
     word_hash_.clear();
     word_len_.clear();
@@ -367,14 +378,10 @@ class Judge {
     while (i < length) {
       while (i < length && is_space(text[i])) ++i;
       if (i == length) break;
-      u64 h = 0xCBF29CE484222325ULL;
       const Py_ssize_t start = i;
-      while (i < length && !is_space(text[i])) {
-        h = (h ^ text[i]) * 0x100000001B3ULL;
-        ++i;
-      }
+      while (i < length && !is_space(text[i])) ++i;
       const int64_t n = i - start;
-      word_hash_.push_back(mix(h ^ static_cast<u64>(n)));
+      word_hash_.push_back(hash_run(text + start, n));
       word_len_.push_back(n);
       total_chars_ += n;
     }
@@ -388,13 +395,9 @@ class Judge {
     for (Py_ssize_t i = 0; i <= length; ++i) {
       if (i < length && text[i] != '\n') continue;
       bool blank = true;
-      u64 h = 0xCBF29CE484222325ULL;
-      for (Py_ssize_t k = start; k < i; ++k) {
-        blank = blank && is_space(text[k]);
-        h = (h ^ text[k]) * 0x100000001B3ULL;
-      }
+      for (Py_ssize_t k = start; k < i && blank; ++k) blank = is_space(text[k]);
       if (!blank) {
-        line_hash_.push_back(mix(h ^ static_cast<u64>(i - start)));
+        line_hash_.push_back(hash_run(text + start, i - start));
         line_len_.push_back(i - start);
       }
       start = i + 1;
@@ -570,7 +573,7 @@ class UnitTable {
   // -> (number, whether it is new)
   std::pair<int64_t, bool> find_or_add(const u32* unit, Py_ssize_t n) {
     if (slots_.empty() || 2 * (length_.size() + 1) > slots_.size()) grow();
-    const u64 h = hash(unit, n);
+    const u64 h = hash_run(unit, n);
     size_t i = static_cast<size_t>(h) & (slots_.size() - 1);
     while (slots_[i] >= 0) {
       const int64_t k = slots_[i];
@@ -590,11 +593,6 @@ class UnitTable {
   Py_ssize_t length(int64_t k) const { return length_[k]; }
 
  private:
-  static u64 hash(const u32* unit, Py_ssize_t n) {
-    u64 h = 0xCBF29CE484222325ULL;
-    for (Py_ssize_t i = 0; i < n; ++i) h = (h ^ unit[i]) * 0x100000001B3ULL;
-    return mix(h);
-  }
   void grow() {
     std::vector<int64_t> slots(std::max<size_t>(1 << 12, 2 * slots_.size()), -1);
     for (size_t k = 0; k < length_.size(); ++k) {
@@ -640,8 +638,6 @@ PyObject* units_clear(PyObject*, PyObject* args) {
   table->clear();
   Py_RETURN_NONE;
 }
-
-inline bool split_space(u32 c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
 
 PyObject* units_lookup(PyObject*, PyObject* args) {
   PyObject *capsule, *codes_obj, *offsets_obj;
@@ -755,7 +751,6 @@ class Bpe {
     u64 key;
     int32_t rank, merged;
   };
-  static inline bool split_space(u32 c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
   static u64 pair_key(int32_t a, int32_t b) { return (static_cast<u64>(static_cast<u32>(a)) << 32) | static_cast<u32>(b); }
   u8 cls(u32 c) const { return c < classes_.size() ? classes_[c] : kUnknown; }
   Py_ssize_t run(const u32* u, Py_ssize_t i, Py_ssize_t n, u8 c) const {

@@ -24,7 +24,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .native import text_ops
+from .native import code_points, text_ops
 
 # Cc controls except tab and newline; format characters that are invisible in text (zero-width space/joiners,
 # word joiner, BOM, soft hyphen, bidi marks); the U+FFFD left behind by repaired invalid UTF-8, and lone surrogates
@@ -135,8 +135,8 @@ def char_tables() -> dict[str, np.ndarray]:
 def _char_counts(texts: list[str], script: str | None) -> tuple[np.ndarray, np.ndarray]:
     """(D,) letters and (D,) letters of the stream's script, in one pass over all code points of the batch."""
     n = len(texts)
-    codes = np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-    doc = np.repeat(np.arange(n), np.fromiter(map(len, texts), dtype=np.int64, count=n))
+    codes, offsets = code_points(texts)
+    doc = np.repeat(np.arange(n), np.diff(offsets))
     tables = char_tables()
     index = np.minimum(codes, 0xFFFF)  # the BMP part of each table; astral code points below
     astral = np.flatnonzero(codes > 0xFFFF)  # rare (emoji, historic scripts): the regexes decide those
@@ -240,10 +240,7 @@ class QualityFilter:
 
     def _judge_native(self, texts: list[str], ops) -> tuple[list[str | None], np.ndarray]:
         c = self.config
-        n = len(texts)
-        codes = np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-        offsets = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(np.fromiter(map(len, texts), dtype=np.int64, count=n), out=offsets[1:])
+        codes, offsets = code_points(texts)
         tables = char_tables()
         off = float("nan")
         thresholds = tuple(

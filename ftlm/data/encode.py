@@ -32,7 +32,7 @@ from itertools import chain
 
 import numpy as np
 
-from .native import text_ops
+from .native import code_points, text_ops
 from .tokenizer import Tokenizer
 
 _UNITS = re.compile(r"[ \t\n\r]*[^ \t\n\r]+|[ \t\n\r]+")
@@ -51,17 +51,19 @@ class FastEncoder:
     """`encode_batch(texts) -> list[np.ndarray]` with the ids `tokenizer.encode_batch` gives, using a table of units
     when the tokenizer allows it (see the module docstring). One per worker process: the table is its own.
 
-    The table keeps every distinct unit's ids in one flat array; a chunk of texts becomes unit numbers (one dict
-    lookup per unit) and its ids one numpy gather, so no Python loop runs per token."""
+    The table keeps every distinct unit's ids in one flat array; a chunk of texts becomes unit numbers (the C++ table,
+    or one dict lookup per unit) and its ids one numpy gather, so no Python loop runs per token."""
 
     def __init__(self, tokenizer: Tokenizer, dtype=np.int64, max_units: int = 1 << 20, native: bool | None = None):
         self.dtype, self.max_units = dtype, max_units
+        self.backend = tokenizer.backend
+        spec = json.loads(self.backend.to_str())
+        self.fast = _unit_safe(spec)
         self._ops = text_ops(native)
         self._table = self._ops.units_new() if self._ops is not None else None
-        self._bpe = _native_bpe(self._ops, tokenizer.backend) if self._ops is not None else None
-        self.backend = tokenizer.backend
-        self.fast = _unit_safe(self.backend)
-        self.stats = {"texts": 0, "fallback_texts": 0, "units": 0, "unit_misses": 0}
+        self._bpe = _native_bpe(self._ops, spec) if self._ops is not None and self.fast else None
+        # library_units: new units with a character the C++ BPE leaves to the library
+        self.stats = {"texts": 0, "fallback_texts": 0, "units": 0, "unit_misses": 0, "library_units": 0}
         self._unsafe = re.compile("[" + re.escape(_other_whitespace()) + "]")
         matched = _matched_added_tokens(self.backend)
         self._added = re.compile("|".join(re.escape(t) for t in matched)) if matched else None
@@ -99,7 +101,7 @@ class FastEncoder:
         )
         lengths, flat = np.frombuffer(lengths_raw, dtype=np.int64), np.frombuffer(ids_raw, dtype=np.int64)
         unknown = np.flatnonzero(lengths < 0)  # a character whose class the table does not vouch for
-        self.stats["library_units"] = self.stats.get("library_units", 0) + len(unknown)
+        self.stats["library_units"] += len(unknown)
         if not len(unknown):
             return lengths, flat
         lib_lengths, lib_flat = self._encode_units_library([units[i] for i in unknown.tolist()])
@@ -174,9 +176,7 @@ class FastEncoder:
         return numbers, counts
 
     def _numbers_native(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        codes = np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-        offsets = np.zeros(len(texts) + 1, dtype=np.int64)
-        np.cumsum(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)), out=offsets[1:])
+        codes, offsets = code_points(texts)
         numbers, counts, missing = self._ops.units_lookup(self._table, codes, offsets)
         if self._ops.units_size(self._table) > self.max_units:
             self._clear()  # bounded memory, as above
@@ -207,10 +207,10 @@ def _append(buffer: np.ndarray, used: int, values: np.ndarray) -> np.ndarray:
     return buffer
 
 
-def _unit_safe(backend) -> bool:
+def _unit_safe(spec: dict) -> bool:
     """True when units encode alone as they do in place: no normaliser (or NFC, which the clean stage has applied:
-    callers drop it), a byte-level pre-tokenizer with GPT-2's regex and no prefix space, a BPE without dropout."""
-    spec = json.loads(backend.to_str())
+    callers drop it), a byte-level pre-tokenizer with GPT-2's regex and no prefix space, a BPE without dropout.
+    spec: the tokenizer's JSON (`backend.to_str()`), parsed."""
     if spec.get("normalizer") not in (None, {"type": "NFC"}):
         return False
     pre = spec.get("pre_tokenizer") or {}
@@ -270,13 +270,11 @@ def _byte_chars() -> list[str]:
     return [chars[b] for b in range(256)]
 
 
-def _native_bpe(ops, backend):
-    """ftlm._text's byte-level BPE for this tokenizer, or None when it is not one it reproduces exactly: GPT-2's
-    ByteLevel pre-tokenizer (checked by _unit_safe) and a BPE without prefixes, suffixes, ignore_merges or byte
-    fallback, whose vocabulary spells every byte and every merge."""
-    if not _unit_safe(backend):
-        return None
-    model = json.loads(backend.to_str()).get("model") or {}
+def _native_bpe(ops, spec: dict):
+    """ftlm._text's byte-level BPE for a tokenizer that passed _unit_safe (spec: its parsed JSON), or None when it
+    is not one it reproduces exactly: a BPE without prefixes, suffixes, ignore_merges or byte fallback, whose
+    vocabulary spells every byte and every merge."""
+    model = spec.get("model") or {}
     if any(model.get(k) for k in ("continuing_subword_prefix", "end_of_word_suffix", "ignore_merges", "byte_fallback")):
         return None
     vocab = model.get("vocab") or {}

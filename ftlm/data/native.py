@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 
+import numpy as np
+
 log = logging.getLogger(__name__)
 _UNSET = object()
 _module = _UNSET
@@ -43,3 +45,12 @@ def text_ops(wanted: bool | None = None):
             "`pip install --no-build-isolation -e .`"
         )
     return _module
+
+
+def code_points(texts) -> tuple[np.ndarray, np.ndarray]:
+    """(C,) uint32 code points of the texts one after another, and (D+1,) int64 offsets: text d is [off[d], off[d+1])
+    (one code point per str index: lone surrogates are kept, as str keeps them)."""
+    codes = np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)), out=offsets[1:])
+    return codes, offsets

@@ -71,9 +71,14 @@ BPE_CACHE_WORDS = 1 << 18  # words whose BPE result a tokenize worker remembers 
 
 def _content_key(path: str) -> str:
     """What a cached tokenizer is keyed by: its file's content, so that every copy of it (the preparation's own, the
-    one a worker was warmed up with) shares one tokenizer and one table of units per process."""
-    with open(path, "rb") as f:
-        return hashlib.blake2b(f.read(), digest_size=16).hexdigest()
+    one a worker was warmed up with) shares one tokenizer and one table of units per process. The file is read and
+    hashed once per version of it (path, size, mtime), not on every call."""
+    st = os.stat(path)
+    version = ("content", path, st.st_size, st.st_mtime_ns)
+    if version not in _CACHE:
+        with open(path, "rb") as f:
+            _CACHE[version] = hashlib.blake2b(f.read(), digest_size=16).hexdigest()
+    return _CACHE[version]
 
 
 def _tokenizer(path: str) -> Tokenizer:
