@@ -17,7 +17,8 @@ the dataset and the command that fetches it. Metrics that lm-eval would download
 run_tasks() does the same on a live model during training. Under ZeRO-3 every rank must run every forward pass
 (parameters are gathered collectively), so every rank takes part: the batches are split across ranks, each forward
 pass is paired with one on every other rank (a rank with nothing left runs a one-token pass), and the results are
-gathered, so every rank returns the same numbers.
+gathered, so every rank returns the same numbers. A rank whose task raises says so in the next of those pairings, so
+the other ranks stop that task too instead of waiting for it forever; the task is then skipped on every rank.
 """
 
 from __future__ import annotations
@@ -70,6 +71,36 @@ except ImportError as e:
     raise ImportError(f"lm-eval is not installed ({e}); install it with: {INSTALL}") from e
 
 from ftlm.model import KVCache  # noqa: E402  (after the environment above)
+
+
+class PeerFailed(RuntimeError):
+    """Another rank's task raised: this rank stops the task too (its next collective would never be answered)."""
+
+    def __init__(self, rank: int):
+        super().__init__(f"rank {rank} stopped the task with an error")
+        self.rank = rank
+
+
+def _collective(method):
+    """For FtlmLM's request methods under shard=(rank, world): an exception on this rank is announced to the others
+    (in the all-reduce they are waiting in, see FtlmLM._sync) before it propagates, once, however deep it began."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        outermost, self._in_request = not self._in_request, True
+        try:
+            return method(self, *args, **kwargs)
+        except PeerFailed:
+            raise
+        except Exception:
+            if outermost:
+                self._announce_failure()
+            raise
+        finally:
+            if outermost:
+                self._in_request = False
+
+    return wrapper
 
 
 class HarnessError(RuntimeError):
@@ -130,6 +161,7 @@ class FtlmLM(TemplateLM):
         self._max_gen_toks = int(max_gen_toks)
         self._shard_rank, self._shard_world = shard
         self._warned: set[str] = set()
+        self._in_request = False  # inside a request method (see _collective)
 
     # lm-eval's view: one process
     @property
@@ -169,13 +201,24 @@ class FtlmLM(TemplateLM):
             log.warning(message, *args)
 
     # -- pairing forward passes across ranks ---------------------------------------------------------------------
+    # Each forward pass (and each step of a rank's drain) is preceded by one all-reduce of (working, failed rank + 1)
+    # with MAX. A rank that raises between two forward passes sends its failure in place of its next all-reduce;
+    # every other rank is waiting in exactly that all-reduce (a forward pass needs all ranks' previous all-reduce),
+    # so it learns of the failure there and raises PeerFailed instead of waiting for a forward pass that never comes.
     def _sync(self, working: bool) -> bool:
         """One all-reduce per forward pass: whether any rank still has a real one to run."""
         if self._shard_world == 1:
             return working
-        flag = torch.tensor([int(working)], device=self.device)
-        dist.all_reduce(flag)
-        return bool(flag.item())
+        flag = torch.tensor([int(working), 0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        still_working, failed = flag.tolist()
+        if failed:
+            raise PeerFailed(failed - 1)
+        return bool(still_working)
+
+    def _announce_failure(self) -> None:
+        if self._shard_world > 1:
+            dist.all_reduce(torch.tensor([0, self._shard_rank + 1], device=self.device), op=dist.ReduceOp.MAX)
 
     def _forward(self, ids: torch.Tensor, cache=None) -> torch.Tensor:
         """(B, T) token ids -> (B, T, vocab) logits."""
@@ -199,6 +242,11 @@ class FtlmLM(TemplateLM):
         return {k: v for part in parts for k, v in part.items()}
 
     # -- loglikelihood ---------------------------------------------------------------------------------------------
+    @_collective
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+
+    @_collective
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **_) -> list[tuple[float, bool]]:
         """requests: ((context, continuation) or None, context ids, continuation ids) -> (log p(continuation), greedy).
 
@@ -243,6 +291,7 @@ class FtlmLM(TemplateLM):
         done = self._gather(done)
         return [done[i] for i in range(len(requests))]
 
+    @_collective
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """log p(text) of whole texts in disjoint windows of max_seq_len tokens, the first after end-of-text."""
         from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
@@ -266,6 +315,7 @@ class FtlmLM(TemplateLM):
         return totals
 
     # -- generation -------------------------------------------------------------------------------------------------
+    @_collective
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy continuations with the KV cache, cut at the first stop sequence (the task's `until`, and always
         end-of-text). Prompts of equal length share a batch; a prompt is cut from the left to leave room for
@@ -585,14 +635,19 @@ def _describe(error: Exception) -> str:
     return str(error) if isinstance(error, HarnessError) else f"{type(error).__name__}: {error}"
 
 
-def _first_error(error: str | None, rank: int, world_size: int) -> str | None:
-    """The error of the first rank that has one (the same answer on every rank), or None if no rank has one."""
+def _first_error(error: Exception | None, rank: int, world_size: int) -> str | None:
+    """The error of the first rank that has one (the same answer on every rank), or None if no rank has one. A
+    rank's own error comes before the PeerFailed of the ranks that stopped because of it."""
+    mine = None if error is None else _describe(error)
     if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
-        return error
+        return mine
     errors: list = [None] * world_size
-    dist.all_gather_object(errors, error)
-    first = next((r for r, e in enumerate(errors) if e is not None), None)
-    return None if first is None else (errors[first] if first == rank else f"on rank {first}: {errors[first]}")
+    dist.all_gather_object(errors, (mine, isinstance(error, PeerFailed)))
+    failed = [r for r, (message, _) in enumerate(errors) if message is not None]
+    if not failed:
+        return None
+    first = min(failed, key=lambda r: (errors[r][1], r))
+    return errors[first][0] if first == rank else f"on rank {first}: {errors[first][0]}"
 
 
 def run_tasks(
@@ -626,17 +681,20 @@ def run_tasks(
                 try:
                     manager, error = load_tasks([name], include_path), None
                 except Exception as e:  # a benchmark must never stop training: report it, go on
-                    manager, error = None, _describe(e)
+                    manager, error = None, e
                 # Every rank must run a task or none may: under ZeRO-3 each forward pass is collective, so a rank
                 # whose node lacks the task's data (the usual one-rank failure) would leave the others waiting.
-                error = _first_error(error, rank, world_size)
-                if error is not None:
-                    failures[name] = error
+                message = _first_error(error, rank, world_size)
+                if message is not None:
+                    failures[name] = message
                     continue
                 try:
-                    out = evaluate(lm, [name], manager, limit, num_fewshot, bootstrap_iters=0)
-                except Exception as e:
-                    failures[name] = _describe(e)
+                    out, error = evaluate(lm, [name], manager, limit, num_fewshot, bootstrap_iters=0), None
+                except Exception as e:  # on one rank: the others stopped too (PeerFailed), see FtlmLM._sync
+                    out, error = None, e
+                message = _first_error(error, rank, world_size)  # every rank skips the task if any rank failed
+                if message is not None:
+                    failures[name] = message
                     continue
                 results.update(metrics_of(out))
     finally:

@@ -5,7 +5,8 @@ readers (ftlm-generate, ftlm-eval, ftlm-export) share.
 
 A save goes to `step_X.tmp/` and is renamed once every rank has finished writing, so a job killed mid-save
 leaves the previous checkpoint untouched; the next save deletes such leftovers. A save that finds the disk too
-full fails before writing anything, and one that fills it midway removes its partial folder and says so.
+full fails before writing anything, and one that fills it midway (on any rank) removes its partial folder and says
+so on every rank.
 
 No checkpoint is ever deleted implicitly: starting over (trainer.resume=never) in a run directory with
 checkpoints, or going back to an older step, moves the checkpoints concerned aside into
@@ -401,6 +402,50 @@ def _disk_full_message(step: int, final: Path, need: int) -> str:
     )
 
 
+class _KeptWriteErrors:
+    """DeepSpeed's checkpoint engine, but a write that fails is remembered instead of raised (and later writes are
+    skipped): DeepSpeed's save_checkpoint runs collectives between its writes (barriers, the tag check), so a rank
+    raising out of it midway (its disk full, say) would leave the other ranks waiting in one of them forever. With
+    this, every rank runs the same collectives to the end, and save() raises the kept error where all ranks compare
+    outcomes."""
+
+    def __init__(self, inner):
+        self.inner, self.error = inner, None
+
+    def save(self, state_dict, path):
+        if self.error is None:
+            try:
+                return self.inner.save(state_dict, path)
+            except Exception as e:
+                self.error = e
+                log.debug("writing %s failed: %r", path, e)
+
+    def makedirs(self, path, exist_ok=False):
+        if self.error is None:
+            try:
+                return self.inner.makedirs(path, exist_ok=exist_ok)
+            except Exception as e:
+                self.error = e
+
+    def __getattr__(self, name):  # everything else (load, create, commit, is_decoupled, ...) as it is
+        return getattr(self.inner, name)
+
+
+@contextlib.contextmanager
+def _writes_kept(engine):
+    """engine.checkpoint_engine wrapped in _KeptWriteErrors for the duration (nothing to wrap: nothing changes)."""
+    inner = getattr(engine, "checkpoint_engine", None)
+    if inner is None:
+        yield None
+        return
+    kept = _KeptWriteErrors(inner)
+    engine.checkpoint_engine = kept
+    try:
+        yield kept
+    finally:
+        engine.checkpoint_engine = inner
+
+
 def _check_free_space(root: Path, step: int, need: int) -> str | None:
     free = free_bytes(root)
     if need and free < need * 1.05:
@@ -439,11 +484,14 @@ def save(
 
     error, sums = None, {}
     try:
-        engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
+        with _writes_kept(engine) as kept:
+            engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
+        if kept is not None and kept.error is not None:
+            raise kept.error
         torch.save({"rng": rng_state(), "loader": json.dumps(loader_state)}, tmp / f"rank{rank}_state.pt")
         if rank == 0:
             trainer_state.write(tmp / TRAINER_STATE)
-    except Exception as e:  # no collective in here: every rank reaches the gather below, so none waits forever
+    except Exception as e:  # DeepSpeed's collectives all ran (_writes_kept): every rank reaches the gather below
         error = e
     failures = [f for f in _gather(None if error is None else (is_disk_full(error), repr(error))) if f is not None]
     if not failures:  # every file is written: each rank hashes those it wrote (still in its page cache)

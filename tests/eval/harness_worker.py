@@ -4,7 +4,8 @@
 
 ZeRO-3 keeps a slice of every parameter on each rank and gathers them collectively in each forward pass, so the
 ranks must run equally many forward passes: unequal numbers would hang. Writes <out>/ranks.json (each rank's results
-and forward passes) and <out>/weights.safetensors (the engine's weights, gathered, to score them on one rank).
+and forward passes, then what a second run reports when rank 1 raises in it) and <out>/weights.safetensors (the
+engine's weights, gathered, to score them on one rank).
 """
 
 from __future__ import annotations
@@ -39,8 +40,29 @@ def main(model_dir: str, tasks_dir: str, out: str) -> None:
 
     tasks = ["ko_mc", "ko_ppl", "ko_gen"]
     results = harness.run_tasks(engine, loaded.tokenizer, tasks, None, "cpu", d.rank, d.world_size, tasks_dir, 3)
+    report = {"results": results, "calls": len(calls)}
+
+    # Again, with rank 1 raising after its first forward pass (in ko_mc): rank 0 must not wait for it forever.
+    if d.rank == 1:
+        forward = harness.FtlmLM._forward
+        state = {"calls": 0}
+
+        def failing_forward(self, *args, **kwargs):
+            logits = forward(self, *args, **kwargs)
+            state["calls"] += 1
+            if state["calls"] == 1:
+                raise RuntimeError("injected failure after a forward pass")
+            return logits
+
+        harness.FtlmLM._forward = failing_forward
+    try:
+        harness.run_tasks(engine, loaded.tokenizer, tasks, None, "cpu", d.rank, d.world_size, tasks_dir, 3)
+        report["failed"] = None
+    except harness.HarnessError as e:
+        report["failed"] = {"results": e.results, "failures": e.failures}
+
     gathered: list = [None] * d.world_size
-    dist.all_gather_object(gathered, {"results": results, "calls": len(calls)})
+    dist.all_gather_object(gathered, report)
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
         if d.rank == 0:
             weights = {k: v.detach().clone().contiguous() for k, v in engine.module.state_dict().items()}

@@ -280,7 +280,7 @@ def test_a_task_that_fails_to_load_on_one_rank_is_skipped_on_every_rank(bench, m
     monkeypatch.setattr(harness.dist, "is_initialized", lambda: True)
 
     def gather(out, mine):  # what rank 1 reports
-        out[:] = [mine, "HarnessError: ko_mc: data file /data/ko_mc.json not found on this node"]
+        out[:] = [mine, ("HarnessError: ko_mc: data file /data/ko_mc.json not found on this node", False)]
 
     monkeypatch.setattr(harness.dist, "all_gather_object", gather)
     ran = []
@@ -289,6 +289,54 @@ def test_a_task_that_fails_to_load_on_one_rank_is_skipped_on_every_rank(bench, m
         harness.run_tasks(loaded.model, loaded.tokenizer, ["ko_mc"], 2, "cpu", 0, 2, bench["tasks"])
     assert ran == [] and set(failed.value.failures) == {"ko_mc"}
     assert "not found on this node" in failed.value.failures["ko_mc"]
+
+
+def test_the_failing_ranks_error_is_named_not_the_peers_that_stopped(monkeypatch):
+    """Rank 0 stopped because rank 1 raised (PeerFailed): both report rank 1's error, and no error means None."""
+    monkeypatch.setattr(harness.dist, "is_initialized", lambda: True)
+    rank1 = (ValueError("a continuation of 0 tokens cannot be scored"), False)
+
+    def gather(out, mine):
+        out[:] = [mine, ("ValueError: " + str(rank1[0]), rank1[1]) if rank1[0] is not None else (None, False)]
+
+    monkeypatch.setattr(harness.dist, "all_gather_object", gather)
+    told = harness._first_error(harness.PeerFailed(1), 0, 2)
+    assert told == "on rank 1: ValueError: a continuation of 0 tokens cannot be scored"
+    rank1 = (None, False)
+    assert harness._first_error(None, 0, 2) is None
+    assert harness._first_error(KeyError("x"), 0, 2) == "KeyError: 'x'"
+
+
+def test_a_rank_that_raises_tells_the_others_in_their_next_all_reduce(bench, monkeypatch):
+    """FtlmLM on rank 1 of 2 (simulated): the exception is announced once (a failure flag in the all-reduce the
+    other rank waits in) and then propagates; a failure flag from another rank makes _sync raise PeerFailed."""
+    from ftlm.checkpoint import load
+
+    loaded = load(bench["model"])
+    lm = harness.FtlmLM(model=loaded.model, tokenizer=loaded.tokenizer, batch_size=2, shard=(1, 2))
+    sent = []
+
+    def all_reduce(flag, op=None):
+        sent.append(flag.tolist())
+        if peer_failed:
+            flag[1] = 1  # rank 0 failed
+
+    monkeypatch.setattr(harness.dist, "all_reduce", all_reduce)
+    peer_failed = False
+    monkeypatch.setattr(harness.FtlmLM, "_greedy", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+
+    class Req:
+        args = ("안녕하세요", {"until": ["\n"], "max_gen_toks": 2})
+
+    with pytest.raises(RuntimeError, match="boom"):
+        lm.generate_until([Req(), Req(), Req()])
+    assert sent == [[0, 2]]  # only the announcement (the failure came before this rank's first forward pass)
+
+    sent.clear()
+    peer_failed = True
+    with pytest.raises(harness.PeerFailed, match="rank 0"):
+        lm._loglikelihood_tokens([(None, [1, 2], [3])] * 3)  # batches of 2: this rank's share is the second
+    assert sent == [[1, 0]]  # its own forward pass's all-reduce, and no announcement of its own
 
 
 def test_generate_until_uses_the_kv_cache_and_stops(bench):
@@ -436,6 +484,14 @@ def test_run_tasks_on_two_zero3_ranks(bench, tmp_path):
     ranks = json.loads((tmp_path / "ranks.json").read_text())
     assert ranks[0]["calls"] == ranks[1]["calls"] > 0
     assert ranks[0]["results"] == ranks[1]["results"]
+    # The second run, where rank 1 raised after its first forward pass of ko_mc: both ranks skipped ko_mc (rank 0
+    # was told in its next all-reduce), named rank 1's error, and ran the other two tasks to the same numbers.
+    failed = [r["failed"] for r in ranks]
+    assert failed[0] is not None and failed[1] is not None
+    assert set(failed[0]["failures"]) == set(failed[1]["failures"]) == {"ko_mc"}
+    assert failed[0]["failures"]["ko_mc"] == "on rank 1: RuntimeError: injected failure after a forward pass"
+    assert failed[1]["failures"]["ko_mc"] == "RuntimeError: injected failure after a forward pass"
+    assert failed[0]["results"] == failed[1]["results"] == {k: ranks[0]["results"][k] for k in ("ko_ppl", "ko_gen")}
 
     loaded = load(bench["model"])
     model = build_model(loaded.model.cfg, load_file(str(tmp_path / "weights.safetensors")))

@@ -267,6 +267,26 @@ def test_disk_full_midway_keeps_the_previous_checkpoint_and_says_so(tmp_path, mo
     assert not (root / "step_00000020.tmp").exists()
 
 
+@pytest.mark.slow
+def test_a_disk_full_on_one_rank_inside_deepspeeds_save_fails_on_every_rank(tmp_path):
+    """Two ZeRO-3 ranks; rank 1's optimizer shard cannot be written. DeepSpeed's save_checkpoint runs barriers after
+    that write, so a rank raising out of it would leave the other waiting forever: instead both ranks finish
+    DeepSpeed's save, both raise the disk-full error, and the next save works (their collectives still pair up)."""
+    from launch_util import env, free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
+    cmd += [str(Path(__file__).with_name("save_worker.py")), str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(tmp_path / "cache"), timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    root = tmp_path / "checkpoints"
+    for report in ranks:
+        assert report["step1"] is None and report["step2_again"] is None
+        assert report["step2_full"].startswith(f"no space left on device while saving step 2 to {root / tag_for(2)}")
+    assert sorted(p.name for p in root.glob("step_*")) == [tag_for(1), tag_for(2)]  # no .tmp left
+    assert validate(root / tag_for(1), checksums=True) is None and validate(root / tag_for(2), checksums=True) is None
+
+
 def test_too_little_free_space_refuses_before_writing(tmp_path, monkeypatch):
     root = make_run(tmp_path, steps=(10,)) / "checkpoints"
     size = sum(p.stat().st_size for p in (root / tag_for(10)).rglob("*") if p.is_file())
