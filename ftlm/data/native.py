@@ -1,5 +1,6 @@
-"""Loads ftlm._text (csrc/text/text_ops.cpp), the C++ versions of the clean stage's per-character work: the quality
-rules (`clean.QualityFilter`) and MinHash signatures (`minhash.signatures`).
+"""Loads ftlm._text (csrc/text/text_ops.cpp), the C++ versions of the data preparation's per-character work: the
+quality rules (`clean.QualityFilter`), MinHash signatures (`minhash.signatures`), the exact keys' canonical text
+(`dedup`), and the tokenize stage's table of units and byte-level BPE (`encode.FastEncoder`).
 
 The numpy versions beside them stay the reference and the fallback: same decisions and bit-identical signatures
 (tests/data/test_native.py), so a preparation does not depend on whether the extension was built, only its speed does.
@@ -35,8 +36,8 @@ def text_ops(wanted: bool | None = None):
             except ImportError as e:
                 _module = None
                 log.warning(
-                    "ftlm._text is not built (%s): data preparation uses its numpy quality rules and MinHash, same "
-                    "results, about 3x slower. Build it with `pip install --no-build-isolation -e .`.",
+                    "ftlm._text is not built (%s): data preparation uses its numpy / Python paths, same results, "
+                    "about 4x slower. Build it with `pip install --no-build-isolation -e .`.",
                     e,
                 )
     if wanted and _module is None:

@@ -412,20 +412,19 @@ class _KeptWriteErrors:
     def __init__(self, inner):
         self.inner, self.error = inner, None
 
-    def save(self, state_dict, path):
+    def _attempt(self, write, *args, **kwargs):
         if self.error is None:
             try:
-                return self.inner.save(state_dict, path)
+                return write(*args, **kwargs)
             except Exception as e:
                 self.error = e
-                log.debug("writing %s failed: %r", path, e)
+                log.debug("checkpoint %s failed: %r", write.__name__, e)  # raised by save() once all ranks are through
+
+    def save(self, state_dict, path):
+        return self._attempt(self.inner.save, state_dict, path)
 
     def makedirs(self, path, exist_ok=False):
-        if self.error is None:
-            try:
-                return self.inner.makedirs(path, exist_ok=exist_ok)
-            except Exception as e:
-                self.error = e
+        return self._attempt(self.inner.makedirs, path, exist_ok=exist_ok)
 
     def __getattr__(self, name):  # everything else (load, create, commit, is_decoupled, ...) as it is
         return getattr(self.inner, name)
@@ -433,12 +432,13 @@ class _KeptWriteErrors:
 
 @contextlib.contextmanager
 def _writes_kept(engine):
-    """engine.checkpoint_engine wrapped in _KeptWriteErrors for the duration (nothing to wrap: nothing changes)."""
+    """engine.checkpoint_engine wrapped in _KeptWriteErrors for the duration (an engine without one: nothing to
+    keep, .error stays None)."""
     inner = getattr(engine, "checkpoint_engine", None)
-    if inner is None:
-        yield None
-        return
     kept = _KeptWriteErrors(inner)
+    if inner is None:
+        yield kept
+        return
     engine.checkpoint_engine = kept
     try:
         yield kept
@@ -486,7 +486,7 @@ def save(
     try:
         with _writes_kept(engine) as kept:
             engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
-        if kept is not None and kept.error is not None:
+        if kept.error is not None:
             raise kept.error
         torch.save({"rng": rng_state(), "loader": json.dumps(loader_state)}, tmp / f"rank{rank}_state.pt")
         if rank == 0:
