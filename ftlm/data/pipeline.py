@@ -670,13 +670,17 @@ def _merge_shards(state: str, work_dir: str, stream: str, tasks: list[int], voca
 
 
 def _quiet_merge(merge_index: Callable, indexes: list[str], target: str) -> None:
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # merge_index warns about its temporary folder on every call
+    """merge_index warns on every call that its target "exists and not empty": it is not empty by design (it holds
+    the task folders being merged). Silenced at the root and at "streaming", whose own level the trainer sets."""
+    loggers = [logging.getLogger(), logging.getLogger("streaming")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         merge_index(indexes, target)
     finally:
-        root.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _join_clean(state: str, work_dir: str, stream: str, tasks: list[int]) -> None:

@@ -206,16 +206,32 @@ def architecture_of(hf: dict, where: str) -> str:
     return known[0]
 
 
-def _check_rope_scaling(hf: dict, where: str) -> None:
-    scaling = hf.get("rope_scaling")
-    if scaling is None:
-        return
-    kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else scaling
-    if kind != "default":
+def _rope_parameters(hf: dict, where: str) -> dict:
+    """The rotary settings as transformers 5 writes them, `rope_parameters` {rope_type, rope_theta,
+    partial_rotary_factor, ...}; {} for a 4.x config, whose top-level rope_theta / rotary_emb_base / rotary_pct /
+    rope_scaling say the same. Read from here first: a 5.x config has no top-level rope_theta, and its default
+    (10000) would silently build another model."""
+    params = hf.get("rope_parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
         raise HFConversionError(
-            f"{where}: rope_scaling {scaling!r} (type {kind!r}) is not supported: ftlm implements unscaled rotary "
-            "embeddings only (rope_scaling null or rope_type 'default')"
+            f"{where}: rope_parameters {params!r} is not one set of rotary settings (per layer type?); ftlm applies "
+            "the same unscaled rotary embedding in every layer"
         )
+    return params
+
+
+def _check_rope_scaling(hf: dict, where: str) -> None:
+    for key, scaling in (("rope_scaling", hf.get("rope_scaling")), ("rope_parameters", hf.get("rope_parameters"))):
+        if scaling is None:
+            continue
+        kind = scaling.get("rope_type", scaling.get("type", "default")) if isinstance(scaling, dict) else scaling
+        if kind != "default":
+            raise HFConversionError(
+                f"{where}: {key} {scaling!r} (type {kind!r}) is not supported: ftlm implements unscaled rotary "
+                f"embeddings only ({key} null or rope_type 'default')"
+            )
 
 
 def config_from_hf(hf: dict, where: str = "config.json", **runtime) -> GPTConfig:
@@ -225,6 +241,7 @@ def config_from_hf(hf: dict, where: str = "config.json", **runtime) -> GPTConfig
     """
     arch = architecture_of(hf, where)
     _check_rope_scaling(hf, where)
+    rope = _rope_parameters(hf, where)
 
     def need(key: str, default=None):
         value = hf.get(key, default)
@@ -276,7 +293,7 @@ def config_from_hf(hf: dict, where: str = "config.json", **runtime) -> GPTConfig
             norm="rmsnorm",
             norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             mlp="swiglu",
-            rope_theta=float(hf.get("rope_theta", 10000.0)),
+            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
             bias=attn_bias,
         )
     else:
@@ -287,7 +304,9 @@ def config_from_hf(hf: dict, where: str = "config.json", **runtime) -> GPTConfig
                 f"{where}: hidden_act {act!r} is not supported for GPTNeoXForCausalLM (gelu, gelu_new, "
                 "gelu_pytorch_tanh, gelu_fast)"
             )
-        rotary_pct = float(hf.get("rotary_pct", hf.get("partial_rotary_factor", 0.25)))
+        rotary_pct = float(
+            rope.get("partial_rotary_factor", hf.get("rotary_pct", hf.get("partial_rotary_factor", 0.25)))
+        )
         cfg = dict(
             common,
             n_kv_heads=n_head,
@@ -295,7 +314,7 @@ def config_from_hf(hf: dict, where: str = "config.json", **runtime) -> GPTConfig
             norm_eps=float(hf.get("layer_norm_eps", 1e-5)),
             mlp="gelu",
             gelu_approx=approx,
-            rope_theta=float(hf.get("rotary_emb_base", hf.get("rope_theta", 10000.0))),
+            rope_theta=float(rope.get("rope_theta", hf.get("rotary_emb_base", hf.get("rope_theta", 10000.0)))),
             rotary_pct=rotary_pct,
             parallel_residual=bool(hf.get("use_parallel_residual", True)),
             bias=True,

@@ -16,6 +16,7 @@ within its document.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, fields
 
@@ -337,8 +338,22 @@ def torch_varlen_attn():
             from torch.nn.attention.varlen import varlen_attn
         except ImportError:
             varlen_attn = None
+        if varlen_attn is not None and "enable_gqa" not in inspect.signature(varlen_attn).parameters:
+            varlen_attn = varlen_gqa_by_repeat(varlen_attn)  # torch 2.11 (the H100 image's), not 2.14
         _torch_varlen.append(varlen_attn)
     return _torch_varlen[0]
+
+
+def varlen_gqa_by_repeat(varlen_attn):
+    """A varlen_attn without enable_gqa (older torch) given it: K/V heads repeated up to the query heads' count."""
+
+    def with_gqa(q, k, v, *args, enable_gqa: bool = False, **kwargs):  # q (N, Hq, D), k and v (N, Hkv, D)
+        if enable_gqa and k.shape[1] != q.shape[1]:
+            n_rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)  # (N, Hq, D)
+        return varlen_attn(q, k, v, *args, **kwargs)
+
+    return with_gqa
 
 
 def attend_sdpa_varlen(q, k, v, docs: Documents | None, p: float):

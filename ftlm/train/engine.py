@@ -6,6 +6,7 @@ import atexit
 import logging
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,7 @@ def init_distributed(device_name: str) -> Dist:
         device = torch.device("cuda", local_rank)
     if device.type == "cpu":
         skip_cpu_inference_comm_build()
+    quiet_deepspeeds_deprecated_collectives()
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
@@ -93,6 +95,17 @@ def skip_cpu_inference_comm_build() -> None:
     if "__compatible_ops__" not in vars(deepspeed.ops):
         deepspeed.ops.__compatible_ops__ = {}  # also skips probing every op's compiler, which nothing here needs
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def quiet_deepspeeds_deprecated_collectives() -> None:
+    """PyTorch 2.14 deprecates the collectives ZeRO calls on every step (all_gather_into_tensor,
+    reduce_scatter_tensor); DeepSpeed 0.19 still calls them, and the FutureWarning (nothing a user can act on)
+    came back on every step of a run's log. Only those two messages are ignored."""
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+        category=FutureWarning,
+    )
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -1,6 +1,7 @@
 """The staged pipeline on its executors: same documents and stats everywhere, dedup across tasks, resume, retries."""
 
 import json
+import logging
 import os
 import random
 import signal
@@ -131,6 +132,24 @@ def test_local_run_keeps_exactly_the_good_documents(corpus, local_run):
         assert stats["docs_train"] + stats["docs_val"] == stats["docs_out"] == 60 and stats["docs_val"] == 6
     assert tasks(result, "clean") == {"tasks": 6, "run": 6, "resumed": 0, "retried": 0}
     assert not (work / pipeline.STATE_DIR).exists()  # the resumable state is removed once complete
+
+
+def test_merging_the_shards_logs_no_warning_under_the_trainers_logging(corpus, tmp_path, caplog):
+    """The trainer sets the "streaming" logger's own level (setup_logging), where streaming's merge_index warned
+    "exists and not empty" for every split of every stream into the run's log."""
+    sources, _, _ = corpus
+    streaming_logger = logging.getLogger("streaming")
+    level = streaming_logger.level
+    streaming_logger.setLevel(logging.WARNING)
+    try:
+        with caplog.at_level(logging.INFO):
+            result = pipeline.run(config({"ko": sources["ko"]}, num_workers=1), ["ko"], str(tmp_path), None)
+        assert streaming_logger.level == logging.WARNING  # put back after each merge
+    finally:
+        streaming_logger.setLevel(level)
+    assert result["streams"]["ko"]["docs_out"] == 60
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("streaming")]
+    assert "malformed_json" in caplog.text  # the bad input lines still warn
 
 
 @pytest.mark.slow  # starts worker processes (or a Ray) that import torch and streaming

@@ -21,9 +21,12 @@ def main(out: str, stage: int, threshold: int) -> None:
 
     from ftlm.hf import FrozenWeights
     from ftlm.model import GPT, GPTConfig
-    from ftlm.train.engine import shutdown_distributed
+    from ftlm.train.engine import shutdown_distributed, skip_cpu_inference_comm_build
 
     torch.set_num_threads(1)
+    # As the trainer does on CPU: without it DeepSpeed JIT-compiles its shared-memory all-reduce here (a minute of
+    # g++ on a fresh machine, and a wait forever on the lock file a newer torch leaves in ~/.cache/torch_extensions).
+    skip_cpu_inference_comm_build()
     deepspeed.init_distributed(dist_backend="gloo")
     rank = torch.distributed.get_rank()
     cfg = GPTConfig(vocab_size=192, max_seq_len=32, n_layer=2, n_head=4, n_kv_heads=2, d_model=64, norm="rmsnorm",

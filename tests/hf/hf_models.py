@@ -71,6 +71,15 @@ def neox(out: Path, tokenizer_json: str, seed: int = 0, vocab_size: int = 768, *
     return save_hf(model, tokenizer_json, out)
 
 
+def rope_settings(config) -> dict:
+    """rope_theta and the rotated fraction of each head, from a transformers config of 4.x (top-level rope_theta,
+    rotary_emb_base, rotary_pct) or of 5.x (all in rope_parameters)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    theta = getattr(config, "rope_theta", getattr(config, "rotary_emb_base", None))
+    pct = getattr(config, "rotary_pct", getattr(config, "partial_rotary_factor", 1.0))
+    return {"rope_theta": params.get("rope_theta", theta), "rotary_pct": params.get("partial_rotary_factor", pct)}
+
+
 def hf_logits(path, ids: torch.Tensor) -> tuple[torch.Tensor, object]:
     from transformers import AutoModelForCausalLM
 

@@ -103,7 +103,11 @@ def test_frozen_rows_bit_identical_with_two_ranks(tmp_path, stage, threshold, bf
         )
         for r in range(2)
     ]
-    logs = [p.communicate(timeout=300)[0] for p in procs]
+    try:
+        logs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:  # a timed-out rank must not outlive the test (it would hold its port and a core)
+        for p in procs:
+            p.kill()
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
     result = json.loads(out.read_text())
     frozen, unfrozen = result["frozen"], result["unfrozen"]

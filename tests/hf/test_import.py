@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from hf_models import hf_logits, llama, neox
+from hf_models import hf_logits, llama, neox, rope_settings
 from safetensors.torch import load_file, save_file
 
 from ftlm.checkpoint import build_model, load
@@ -64,7 +64,7 @@ def test_import_parity_fp32(case, tmp_path, sp_tokenizer_json, bytelevel_tokeniz
     assert err <= 1e-4
     if "neox" in case:
         assert cfg.parallel_residual == hf.config.use_parallel_residual
-        assert cfg.rotary_pct == hf.config.rotary_pct and cfg.gelu_approx == (
+        assert cfg.rotary_pct == rope_settings(hf.config)["rotary_pct"] and cfg.gelu_approx == (
             "none" if case == "neox_polyglot" else "tanh"
         )
 
@@ -93,11 +93,12 @@ def test_import_then_export_gives_the_same_tensors_and_generation(
     keys = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
             "tie_word_embeddings", "hidden_act"]  # fmt: skip
     keys += (
-        ["rotary_pct", "use_parallel_residual", "rotary_emb_base", "layer_norm_eps"]
+        ["use_parallel_residual", "layer_norm_eps"]
         if "neox" in case
-        else ["num_key_value_heads", "rope_theta", "rms_norm_eps", "attention_bias", "mlp_bias"]
+        else ["num_key_value_heads", "rms_norm_eps", "attention_bias", "mlp_bias"]
     )
     assert {k: getattr(b, k) for k in keys} == {k: getattr(a, k) for k in keys}
+    assert rope_settings(b) == rope_settings(a)
 
     # greedy generation: transformers on the source, ftlm on the import, transformers on the export
     prompt = [5, 17, 42, 99, 7]
@@ -164,6 +165,39 @@ def test_bad_inputs_are_named_before_weights_are_read(tmp_path, sp_tokenizer_jso
     with pytest.raises(HFImportError, match="859 tokens but config.json has vocab_size=800"):
         load_pretrained(src)
     _edit_config(src, vocab_size=896)
+
+
+def _as_transformers_5(path, rename: dict[str, str]) -> None:
+    """Rewrite config.json as transformers 5 saves it: the rotary settings only inside rope_parameters."""
+    cfg = json.loads((path / "config.json").read_text())
+    if "rope_parameters" in cfg:  # saved by transformers 5 already
+        return
+    cfg["rope_parameters"] = {"rope_type": "default"} | {new: cfg.pop(old) for old, new in rename.items()}
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_a_transformers_5_config_keeps_its_rope_parameters(tmp_path, sp_tokenizer_json, bytelevel_tokenizer_json):
+    """transformers 5 writes rope_theta (and NeoX's rotary fraction) only inside rope_parameters; read elsewhere,
+    the defaults (10000, 0.25) built a model that differs from the checkpoint without a word."""
+    src = llama(tmp_path / "llama", sp_tokenizer_json)  # rope_theta 50000
+    v4, _, _ = load_pretrained(src)
+    _as_transformers_5(src, {"rope_theta": "rope_theta"})
+    v5, _, _ = load_pretrained(src)
+    assert v5 == v4 and v5.rope_theta == 50000.0
+
+    src = neox(tmp_path / "neox", bytelevel_tokenizer_json, rotary_emb_base=20000)  # and rotary_pct 0.5
+    v4, _, _ = load_pretrained(src)
+    _as_transformers_5(src, {"rotary_emb_base": "rope_theta", "rotary_pct": "partial_rotary_factor"})
+    v5, _, _ = load_pretrained(src)
+    assert v5 == v4 and (v5.rope_theta, v5.rotary_pct) == (20000.0, 0.5)
+
+    _edit_config(src, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 20000})
+    with pytest.raises(HFImportError, match="rope_parameters.*yarn.*not supported"):
+        load_pretrained(src)
+    per_layer = {"full_attention": {"rope_type": "default", "rope_theta": 1e6}, "sliding_attention": {}}
+    _edit_config(src, rope_parameters=per_layer)
+    with pytest.raises(HFImportError, match="rope_parameters.*not one set of rotary settings"):
+        load_pretrained(src)
 
 
 def test_missing_weights_and_pickles_are_refused(tmp_path, sp_tokenizer_json, no_weight_reads):

@@ -92,7 +92,10 @@ def test_extension_at_step_0_keeps_english_and_shortens_korean(trained_llama, en
     )
     for init, (kl, mass) in results.items():
         print(f"  {init:14s} KL(extended || original) on English = {kl:.5f} nats/token, new-token mass {mass:.5f}")
-    assert results["subtoken_mean"][0] <= 0.01
+    # The KL depends on the tiny trained model (0.008 here with torch 2.14, 0.012 with torch 2.11 and transformers
+    # 5): bounded, and an order of magnitude below the other two rules on the same model.
+    assert results["subtoken_mean"][0] <= 0.02
+    assert results["subtoken_mean"][0] < 0.1 * min(results["vocab_mean"][0], results["normal"][0])
     assert ko_after < 0.6 * ko_before
 
 

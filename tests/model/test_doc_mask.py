@@ -206,6 +206,33 @@ def test_varlen_layout_feeds_each_document_to_the_kernel():
     torch.testing.assert_close(got, gpt_module.attend_eager(q, k, v, docs, 0.0), rtol=0, atol=1e-5)
 
 
+def test_a_varlen_kernel_without_enable_gqa_gets_grouped_query_attention():
+    """torch 2.11's varlen_attn (the GPU image's) has no enable_gqa, which 2.14's has: the model's call passes it,
+    so the older kernel is wrapped (K/V heads repeated), checked with a plain kernel of 2.11's signature."""
+
+    def varlen_2_11(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
+        assert k.shape[1] == q.shape[1] and window_size == (-1, 0)  # no GQA of its own; causal
+        out = torch.empty_like(q)
+        for start, end in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+            qd, kd, vd = (x[start:end].transpose(0, 1) for x in (q, k, v))  # (H, L, D)
+            out[start:end] = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True).transpose(0, 1)
+        return out
+
+    torch.manual_seed(0)
+    _, _, cu = packed_batch()
+    docs = gpt_module.Documents(cu, 3, S)
+    kernel = gpt_module.varlen_gqa_by_repeat(varlen_2_11)
+    for kv in (4, 2, 1):
+        q, k, v = torch.randn(3, 4, S, 8), torch.randn(3, kv, S, 8), torch.randn(3, kv, S, 8)
+        got = gpt_module.attend_varlen(kernel, q, k, v, docs, window_size=(-1, 0), enable_gqa=kv != 4)
+        torch.testing.assert_close(got, gpt_module.attend_eager(q, k, v, docs, 0.0), rtol=0, atol=1e-5)
+    with pytest.raises(TypeError):  # what the model's call did to the unwrapped kernel
+        gpt_module.attend_varlen(varlen_2_11, q, k, v, docs, window_size=(-1, 0), enable_gqa=True)
+    found = gpt_module.torch_varlen_attn()  # this torch's own: taken as it is where it knows enable_gqa
+    if found is not None:
+        assert ("enable_gqa" in inspect.signature(found).parameters) or found.__name__ == "with_gqa"
+
+
 def test_implementations_are_picked_once_and_again_on_a_new_device():
     model = GPT(tiny(attn_impl="auto", norm_impl="auto"))
     attn = model.blocks[0].attn
