@@ -339,7 +339,7 @@ def torch_varlen_attn():
         except ImportError:
             varlen_attn = None
         if varlen_attn is not None and "enable_gqa" not in inspect.signature(varlen_attn).parameters:
-            varlen_attn = varlen_gqa_by_repeat(varlen_attn)  # torch 2.11 (the H100 image's), not 2.14
+            varlen_attn = varlen_gqa_by_repeat(varlen_attn)  # torch 2.11 (the GPU image's); 2.14 has it
         _torch_varlen.append(varlen_attn)
     return _torch_varlen[0]
 
