@@ -23,7 +23,8 @@ CONF_DIR = Path(
 
 
 class ConfigError(ValueError):
-    """A config that does not compose: an unknown key or a value of the wrong type, named."""
+    """A config that cannot work, named by its key: an unknown key, a value of the wrong type or out of range,
+    settings that contradict each other or the files they point at. The apps print it as one line, not a traceback."""
 
 
 def expand_path(path) -> str:
@@ -88,11 +89,14 @@ def _overrides(argv: list[str]) -> list[str] | None:
     return out
 
 
-def hydra_app(config_name: str = "config"):
+def hydra_app(config_name: str = "config", refusals: tuple[type[BaseException], ...] = (), prog: str | None = None):
     """Decorator: run `fn(cfg)` as a Hydra app over CONF_DIR, tolerant of the deepspeed launcher's arguments.
 
     The command line is composed once before Hydra runs, so a bad key or value is one clear line on stderr
-    (exit status 2) and Hydra never creates a run directory for it.
+    (exit status 2) and Hydra never creates a run directory for it. A ConfigError raised later, or one of the
+    app's `refusals` (the errors that mean "your input cannot work", each with a message that says what to
+    change), ends the app the same way rather than as a traceback; HYDRA_FULL_ERROR=1 shows the traceback.
+    `prog` names the app in those lines (the console script's name; `python -m` would say main.py).
     """
     import hydra
 
@@ -100,10 +104,11 @@ def hydra_app(config_name: str = "config"):
         def checked(cfg):
             try:
                 check_known_keys(cfg)  # also each job of a sweep, which is composed by Hydra's launcher
-            except ConfigError as e:
-                print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
-                sys.exit(2)
-            return fn(cfg)
+                return fn(cfg)
+            except (ConfigError, *refusals) as e:
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                refuse(e, prog)
 
         @functools.wraps(fn)
         def main():
@@ -114,13 +119,18 @@ def hydra_app(config_name: str = "config"):
                 try:
                     compose(overrides, config_name)
                 except ConfigError as e:
-                    print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
-                    sys.exit(2)
+                    refuse(e, prog)
             return hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(checked)()
 
         return main
 
     return wrap
+
+
+def refuse(error: BaseException, prog: str | None = None) -> None:
+    """End the app with `<prog>: error: <message>` on stderr and exit status 2 (argparse's usage error)."""
+    print(f"{prog or Path(sys.argv[0]).name}: error: {error}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "config"):

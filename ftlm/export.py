@@ -153,6 +153,7 @@ def export(
         raise ValueError(f"--dtype {dtype}: not one of {', '.join(DTYPES)}")
     torch_dtype = DTYPES[dtype]
     out = Path(str(out)).expanduser()
+    check_output_dir(out)
     source = locate(src)
     if expected_config is not None:
         if isinstance(expected_config, (str, Path)):
@@ -189,6 +190,13 @@ def export(
     return ftlm_dir
 
 
+def check_output_dir(out: Path) -> None:
+    """Refuse, before any weight is read, an output directory that cannot be made: it or a folder above is a file."""
+    blocked = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise ValueError(f"the output directory {out} cannot be made: {blocked} is a file; choose another")
+
+
 def hf_invertible(cfg: GPTConfig) -> bool:
     """Whether the Hugging Face weights give back ftlm's exactly: always for Llama; for GPT-NeoX unless grouped
     key/value heads were repeated for it or biases it lacks were added (then ftlm/ keeps a copy of its own)."""
@@ -214,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         export(args.source, args.out, args.dtype, args.hf, args.config)
-    except (FileNotFoundError, CheckpointError, ValueError) as e:  # HFExportError is a ValueError
-        print(f"ftlm-export: error: {e}", file=sys.stderr)
+    except (OSError, CheckpointError, ValueError) as e:  # HFExportError is a ValueError; OSError: no such file,
+        print(f"ftlm-export: error: {e}", file=sys.stderr)  # permission denied, disk full (the path is named)
         return 1
     return 0
 

@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from ftlm.config import ConfigError
+
 from .atomic import fsync_tree, write_atomic
 
 log = logging.getLogger("ftlm.checkpoint")
@@ -397,10 +399,10 @@ def resolve_device(name: str, option: str = "--device") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
-        raise ValueError(f"{option}={name}: not one of auto, cpu, cuda, cuda:N")
+        raise ConfigError(f"{option}={name}: not one of auto, cpu, cuda, cuda:N")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ValueError(f"{option}={name}: no CUDA GPU is visible; use {option}=auto or {option}=cpu")
+            raise ConfigError(f"{option}={name}: no CUDA GPU is visible; use {option}=auto or {option}=cpu")
         if ":" in name and int(name.split(":")[1]) >= torch.cuda.device_count():
-            raise ValueError(f"{option}={name}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+            raise ConfigError(f"{option}={name}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
     return torch.device(name)

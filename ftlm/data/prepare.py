@@ -47,11 +47,16 @@ from .layout import (
     expand_path,
 )
 from .shards import write_json_atomic
-from .sources import resolve_files
+from .sources import SourceError, resolve_files
+from .tokenizer import TokenizerExtensionError
 
 logger = logging.getLogger(__name__)
 
 PIPELINE_VERSION = 2  # bump when a change in the stages changes the shards for the same inputs
+
+# What a preparation refuses because of its input, each with a message naming the key or file and what to do:
+# the apps print these as one line (`ftlm-prepare: error: ...`, exit status 2), never as a traceback.
+REFUSALS = (DataConfigError, SourceError, TokenizerExtensionError, DamagedPreparationError, corpus.EmbeddedCorpusError)
 
 
 @dataclass
@@ -517,18 +522,14 @@ def format_report(report: dict) -> str:
 def _run(cfg, mode: str | None = None) -> Prepared | dict:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        if mode == "--gc":
-            result = gc(cfg.data)
-            for what, folders in result.items():
-                for folder in folders:
-                    print(f"{what}: {folder}")
-            print(f"gc: removed {len(result['removed'])} folder(s)")
-            return result
-        return prepare(cfg.data, rebuild=mode == "--rebuild")
-    except (DataConfigError, DamagedPreparationError) as err:
-        print(f"ftlm-prepare: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    if mode == "--gc":
+        result = gc(cfg.data)
+        for what, folders in result.items():
+            for folder in folders:
+                print(f"{what}: {folder}")
+        print(f"gc: removed {len(result['removed'])} folder(s)")
+        return result
+    return prepare(cfg.data, rebuild=mode == "--rebuild")
 
 
 def main() -> None:
@@ -546,7 +547,7 @@ def main() -> None:
     def run(cfg):
         return _run(cfg, mode)
 
-    hydra_app()(run)()
+    hydra_app(refusals=REFUSALS, prog="ftlm-prepare")(run)()
 
 
 if __name__ == "__main__":

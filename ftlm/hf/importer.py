@@ -216,9 +216,10 @@ def load_pretrained(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor
 
 def import_model(src: str | Path, out: str | Path, dtype: str = "auto") -> Path:
     """Write the ftlm model directory `out` for the Hugging Face directory `src`; returns out."""
-    from ftlm.export import write_ftlm
+    from ftlm.export import check_output_dir, write_ftlm
 
     out = Path(str(out)).expanduser()
+    check_output_dir(out)
     hf = inspect(src)
     if out.resolve() == hf.path.resolve():
         raise ValueError(f"the output directory {out} is the model being read; choose another")
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         import_model(args.source, args.out, args.dtype)
-    except (FileNotFoundError, CheckpointError, ValueError) as e:
+    except (OSError, CheckpointError, ValueError) as e:  # OSError: no such file, permission denied, disk full
         print(f"ftlm-import: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -48,6 +48,7 @@ from ftlm.checkpoint.format import (
     validate,
     weights_only_loading,
 )
+from ftlm.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ def resolve_resume(resume, root: Path) -> Path | None:
         return found
     path = Path(str(resume)).expanduser()
     if not path.exists():
-        raise FileNotFoundError(
+        raise ConfigError(
             f"trainer.resume: checkpoint {path} does not exist "
             "(give a step_XXXXXXXX folder, a run's checkpoints/ folder, auto, or never)"
         )
@@ -155,11 +156,11 @@ def resolve_resume(resume, root: Path) -> Path | None:
     if path.is_dir() and not (path / MANIFEST).exists() and list_checkpoints(path):
         found = find_latest(path, check=check_shared)  # a run's checkpoints/ folder: take its newest intact one
         if found is None:
-            raise FileNotFoundError(f"trainer.resume: no complete checkpoint under {path}")
+            raise ConfigError(f"trainer.resume: no complete checkpoint under {path}")
         return found
     problem = check_shared(path)
     if problem:
-        raise ValueError(f"trainer.resume: checkpoint {path} is not usable: {problem}")
+        raise ConfigError(f"trainer.resume: checkpoint {path} is not usable: {problem}")
     return path
 
 
@@ -171,16 +172,16 @@ def check_compatible(
     saved, wanted = arch_values(state.model_config), arch_values(model_cfg)
     diff = [f"model.{k}: checkpoint {saved[k]!r}, config {wanted[k]!r}" for k in saved if saved[k] != wanted[k]]
     if diff:
-        raise ValueError(f"checkpoint {ckpt} was made by another model config: " + "; ".join(diff))
+        raise ConfigError(f"checkpoint {ckpt} was made by another model config: " + "; ".join(diff))
     saved_vocab = state.tokenizer_vocab
     if tokenizer_vocab is not None and saved_vocab is not None and saved_vocab != tokenizer_vocab:
-        raise ValueError(
+        raise ConfigError(
             f"checkpoint {ckpt} was trained with a tokenizer of {saved_vocab} tokens, but this run's "
             f"tokenizer (data.tokenizer / the prepared data) has {tokenizer_vocab}: token ids would "
             "mean different text; resume with the data the checkpoint was trained on"
         )
     if tokenizer_vocab is not None and tokenizer_vocab > int(saved["vocab_size"]):
-        raise ValueError(
+        raise ConfigError(
             f"checkpoint {ckpt} has model.vocab_size={saved['vocab_size']}, smaller than this run's "
             f"tokenizer ({tokenizer_vocab} tokens)"
         )

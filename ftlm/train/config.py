@@ -11,6 +11,8 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from ftlm.config import ConfigError
+
 TRAIN_ONLY = ("all", "embeddings", "new_rows")
 
 
@@ -83,24 +85,24 @@ def check_trainer_config(t) -> None:
     """Fail on settings that cannot work before anything is allocated (types were checked at compose time)."""
     for key in ("max_steps", "micro_batch_size", "grad_accum", "seq_len", "log_interval"):
         if getattr(t, key) <= 0:
-            raise ValueError(f"trainer.{key} must be a positive integer, got {getattr(t, key)}")
+            raise ConfigError(f"trainer.{key} must be a positive integer, got {getattr(t, key)}")
     for key in ("eval_interval", "save_interval", "sample_interval", "bench_interval", "warmup_steps"):
         if getattr(t, key) < 0:
-            raise ValueError(f"trainer.{key} must be 0 (off) or a positive integer, got {getattr(t, key)}")
+            raise ConfigError(f"trainer.{key} must be 0 (off) or a positive integer, got {getattr(t, key)}")
     if t.lr <= 0:
-        raise ValueError(f"trainer.lr must be positive, got {t.lr}")
+        raise ConfigError(f"trainer.lr must be positive, got {t.lr}")
     if not 0.0 <= t.min_lr_ratio <= 1.0:
-        raise ValueError(f"trainer.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+        raise ConfigError(f"trainer.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     if t.train_only not in TRAIN_ONLY:
-        raise ValueError(f"trainer.train_only: '{t.train_only}' is not one of {', '.join(TRAIN_ONLY)}")
+        raise ConfigError(f"trainer.train_only: '{t.train_only}' is not one of {', '.join(TRAIN_ONLY)}")
     if t.train_only != "all" and t.init_from is None:
-        raise ValueError(
+        raise ConfigError(
             f"trainer.train_only={t.train_only} freezes the rows of a model trained before: "
             "it needs trainer.init_from=<model dir>"
         )
     if t.unfreeze_at is not None and t.unfreeze_at < 0:
-        raise ValueError(f"trainer.unfreeze_at must be null or a step >= 0, got {t.unfreeze_at}")
+        raise ConfigError(f"trainer.unfreeze_at must be null or a step >= 0, got {t.unfreeze_at}")
     if t.bench_tasks and t.bench_interval == 0:
-        raise ValueError("trainer.bench_tasks is set but trainer.bench_interval=0 would never run them")
+        raise ConfigError("trainer.bench_tasks is set but trainer.bench_interval=0 would never run them")
     if t.bench_limit is not None and t.bench_limit <= 0:
-        raise ValueError(f"trainer.bench_limit must be null or positive, got {t.bench_limit}")
+        raise ConfigError(f"trainer.bench_limit must be null or positive, got {t.bench_limit}")

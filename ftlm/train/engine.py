@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ftlm.checkpoint import resolve_device
+from ftlm.config import ConfigError
 from ftlm.train.config import DeepSpeedConfig, TrainerConfig, typed
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     if precision not in ("bf16", "fp16", "fp32"):
-        raise ValueError(f"trainer.precision: '{precision}' is not one of auto, bf16, fp16, fp32")
+        raise ConfigError(f"trainer.precision: '{precision}' is not one of auto, bf16, fp16, fp32")
     return precision
 
 
@@ -138,7 +139,7 @@ def build_ds_config(trainer_cfg, ds_cfg, world_size: int, precision: str) -> dic
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if ds.offload_params:
         if ds.stage != 3:
-            raise ValueError("deepspeed.offload_params needs deepspeed.stage=3")
+            raise ConfigError("deepspeed.offload_params needs deepspeed.stage=3")
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     config = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,

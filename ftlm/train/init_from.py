@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ftlm.checkpoint import ARCH_KEYS
+from ftlm.config import ConfigError
 from ftlm.model import GPTConfig
 
 log = logging.getLogger("ftlm.train")
@@ -30,7 +31,7 @@ def source_config(path: str) -> tuple[GPTConfig, Path]:
 
     p = Path(path).expanduser()
     if not p.exists():
-        raise FileNotFoundError(f"trainer.init_from: {p} does not exist (a Hugging Face or ftlm model directory)")
+        raise ConfigError(f"trainer.init_from: {p} does not exist (a Hugging Face or ftlm model directory)")
     if is_hf_dir(p):
         src = inspect(p)
         return src.config, Path(src.tokenizer_path)
@@ -67,7 +68,7 @@ def continued_config(base: GPTConfig, model_cfg, explicit: dict[str, str], where
             continue  # GPTConfig.from_dict below names unknown keys
         if key in ARCH_KEYS or key == "vocab_size":
             if wanted.get(key) is not None and wanted[key] != values[key]:
-                raise ValueError(
+                raise ConfigError(
                     f"model.{key}={wanted[key]} disagrees with the model trainer.init_from starts from ({where}: "
                     f"{key}={values[key]!r}); the shape comes from the source: drop the override"
                 )
@@ -82,7 +83,7 @@ def check_train_only(t, source_tokenizer: Path, model_cfg: GPTConfig) -> int:
 
     n_old = Tokenizer.load(source_tokenizer).vocab_size
     if n_old > model_cfg.vocab_size:
-        raise ValueError(f"{source_tokenizer}: {n_old} tokens but the model has {model_cfg.vocab_size} rows")
+        raise ConfigError(f"{source_tokenizer}: {n_old} tokens but the model has {model_cfg.vocab_size} rows")
     return n_old
 
 
@@ -123,7 +124,7 @@ def load_into(model, state: dict | None, zero3: bool, rank: int) -> None:
     if rank == 0:
         missing = [n for n in names if n not in state]
         if missing:
-            raise ValueError(f"trainer.init_from: the source has no weights for {', '.join(missing[:5])}")
+            raise ConfigError(f"trainer.init_from: the source has no weights for {', '.join(missing[:5])}")
     for name, p in model.named_parameters():
         with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=zero3):
             if rank == 0:

@@ -22,8 +22,11 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from ftlm.checkpoint import TrainerState, tokenizer_fingerprint, write_atomic
-from ftlm.config import expand_path, hydra_app
+from ftlm.checkpoint import CheckpointError, TrainerState, tokenizer_fingerprint, write_atomic
+from ftlm.config import ConfigError, expand_path, hydra_app
+from ftlm.data.prepare import REFUSALS as DATA_REFUSALS
+from ftlm.hf import HFImportError
+from ftlm.model import ConfigError as ModelConfigError
 from ftlm.model import GPTConfig
 from ftlm.train import checkpoint
 from ftlm.train.components import Bench, Checkpointer, Forgetting, Sampler, StopSignal, Validator
@@ -58,7 +61,7 @@ def model_config(model_cfg, tokenizer_vocab: int) -> GPTConfig:
     if values.get("vocab_size") is None:
         values["vocab_size"] = 64 * math.ceil(tokenizer_vocab / 64)  # a multiple of 64 keeps matmuls aligned
     elif values["vocab_size"] < tokenizer_vocab:
-        raise ValueError(
+        raise ConfigError(
             f"model.vocab_size={values['vocab_size']} is smaller than the tokenizer's vocabulary "
             f"({tokenizer_vocab}); set model.vocab_size=null to follow the tokenizer"
         )
@@ -79,7 +82,7 @@ def train(cfg) -> dict:
     # Every model key is checked now, before any data work: only the vocabulary waits for the tokenizer.
     early = model_config(cfg.model, tokenizer_vocab=1)
     if t.seq_len > early.max_seq_len and not t.init_from:  # with init_from the source's length counts
-        raise ValueError(f"trainer.seq_len={t.seq_len} is longer than model.max_seq_len={early.max_seq_len}")
+        raise ConfigError(f"trainer.seq_len={t.seq_len} is longer than model.max_seq_len={early.max_seq_len}")
     run_dir = Path(expand_path(t.out_dir))
     d = init_distributed(t.device)
     setup_logging(d.rank)
@@ -97,16 +100,44 @@ def train(cfg) -> dict:
 def hold(lock: RunLock, d) -> None:
     """Rank 0 takes the run directory's lock (a file: it holds across nodes sharing the directory); every rank
     learns whether it did, so a refused run stops everywhere with the holder's name."""
-    error = None
-    if d.is_main:
+
+    def acquire():
         try:
             lock.acquire()
-        except (RunLockError, OSError) as e:
-            error = str(e)
-    errors = [error]
-    dist.broadcast_object_list(errors, src=0)
-    if errors[0] is not None:
-        raise RunLockError(errors[0])
+        except OSError as e:
+            raise RunLockError(f"could not take the lock {lock.path}: {e}") from e
+
+    on_rank_0(d, acquire)
+
+
+class StoppedWithRank0(RuntimeError):
+    """What the other ranks raise when rank 0's share of the setup failed; the message is rank 0's error."""
+
+
+def on_rank_0(d, work):
+    """`work()` on rank 0 alone, and every rank learns how it went (returns its result there, None elsewhere).
+
+    When it raises, rank 0 raises the error as it is and every other rank raises the same refusal (or
+    StoppedWithRank0) with its message, at once: a barrier would leave them waiting for a peer that has gone,
+    until the process group's timeout, on every node.
+    """
+    result, error = None, None
+    if d.is_main:
+        try:
+            result = work()
+        except Exception as e:
+            error = e
+    kinds = (ConfigError, *REFUSALS)
+    shared = [
+        None if error is None else (next((i for i, k in enumerate(kinds) if isinstance(error, k)), -1), str(error))
+    ]
+    dist.broadcast_object_list(shared, src=0)
+    if error is not None:
+        raise error
+    if shared[0] is not None:
+        kind, message = shared[0]
+        raise kinds[kind](message) if kind >= 0 else StoppedWithRank0(f"rank 0 stopped: {message}")
+    return result
 
 
 class Trainer:
@@ -210,9 +241,10 @@ class Trainer:
         self.stop = StopSignal(d.device)
 
     def _load_source(self, model, zero3: bool) -> None:
-        state = None
-        if self.d.is_main:  # one copy of the source's weights, on rank 0
-            state, _ = source_weights(self.t.init_from, self.model_cfg, self.source_tokenizer, self.tokenizer_path)
+        t = self.t
+        state = on_rank_0(  # one copy of the source's weights, on rank 0
+            self.d, lambda: source_weights(t.init_from, self.model_cfg, self.source_tokenizer, self.tokenizer_path)[0]
+        )
         load_into(model, state, zero3, self.d.rank)
         log.info("initialised from %s; optimizer and learning-rate schedule start fresh", self.t.init_from)
 
@@ -330,9 +362,7 @@ class Trainer:
         elif t.init_from and cfg.data.tokenizer.extend_from is None:
             fixed = self.source_tokenizer  # the source's tokenizer as it is (extend_from: its extension)
 
-        if d.is_main:
-            prepared = prepare(cfg.data, tokenizer_path=fixed)
-        dist.barrier()
+        prepared = on_rank_0(d, lambda: prepare(cfg.data, tokenizer_path=fixed))
         if not d.is_main:
             prepared = prepare(cfg.data, tokenizer_path=fixed)  # finds rank 0's finished preparation at once
         if model_cfg is None:
@@ -342,7 +372,7 @@ class Trainer:
             else:
                 model_cfg = model_config(cfg.model, tokenizer.vocab_size)
         if t.seq_len > model_cfg.max_seq_len:
-            raise ValueError(
+            raise ConfigError(
                 f"trainer.seq_len={t.seq_len} is longer than the model's max_seq_len={model_cfg.max_seq_len}"
             )
         self.prepared = prepared
@@ -352,18 +382,19 @@ class Trainer:
 
     def _write_run_files(self, resume_from: Path | None) -> None:
         """config.yaml and tokenizer.json (the checks have passed); train.log from here on."""
-        if self.d.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if resume_from is None and self.t.resume == "never":
-                checkpoint.start_fresh(self.run_dir)  # earlier checkpoints are moved aside, never deleted
-            write_atomic(self.run_dir / "config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
-            own = self.run_dir / "tokenizer.json"
-            if not own.exists() or tokenizer_fingerprint(own) != self.tokenizer_sha256:
-                tmp = own.with_name(own.name + ".tmp")
-                shutil.copyfile(self.tokenizer_path, tmp)
-                tmp.replace(own)
-            attach_log_file(self.run_dir)
-        dist.barrier()
+        on_rank_0(self.d, lambda: self._write_run_files_on_rank_0(resume_from))
+
+    def _write_run_files_on_rank_0(self, resume_from: Path | None) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_from is None and self.t.resume == "never":
+            checkpoint.start_fresh(self.run_dir)  # earlier checkpoints are moved aside, never deleted
+        write_atomic(self.run_dir / "config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
+        own = self.run_dir / "tokenizer.json"
+        if not own.exists() or tokenizer_fingerprint(own) != self.tokenizer_sha256:
+            tmp = own.with_name(own.name + ".tmp")
+            shutil.copyfile(self.tokenizer_path, tmp)
+            tmp.replace(own)
+        attach_log_file(self.run_dir)
 
     def _log_setup(self, precision: str, stage: int) -> None:
         t, d = self.t, self.d
@@ -405,7 +436,7 @@ def run_tokenizer(ckpt: Path) -> Path:
     """The tokenizer.json of the run that wrote `ckpt` (<run>/checkpoints/step_X): fixed for the run's life."""
     path = ckpt.parent.parent / "tokenizer.json"
     if not path.is_file():
-        raise FileNotFoundError(
+        raise ConfigError(
             f"checkpoint {ckpt} has no tokenizer.json in its run directory ({path}); a run's tokenizer is fixed "
             "at its first step, so it cannot be resumed without it"
         )
@@ -426,7 +457,7 @@ def check_same_tokenizer_settings(ckpt: Path, cfg) -> None:
         if k != "path" and before.get(k) != now.get(k)
     ]
     if diff:
-        raise ValueError(
+        raise ConfigError(
             f"this run's tokenizer is fixed (it continues from {ckpt}, whose run's tokenizer.json is reused), "
             f"but the tokenizer settings changed: {'; '.join(diff)}. Drop those overrides, or start a new run "
             "with its own trainer.run_name"
@@ -449,7 +480,12 @@ def loader_stats(loader, device) -> dict[str, float]:
     return {f"train/{k}": v for k, v in zip(keys, mean.tolist())}
 
 
-@hydra_app()
+# A run refused because of what it was given (config, data, source model, checkpoint, a run directory in use):
+# one line `ftlm-train: error: ...` and exit status 2, on every rank that refuses, before or after training starts.
+REFUSALS = (ModelConfigError, HFImportError, CheckpointError, RunLockError, StoppedWithRank0, *DATA_REFUSALS)
+
+
+@hydra_app(refusals=REFUSALS, prog="ftlm-train")
 def main(cfg):
     in_own_dir(cfg)
     train(cfg)

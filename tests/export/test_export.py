@@ -189,6 +189,18 @@ def test_mixed_architecture_is_refused_before_writing(tiny_run_dir, tmp_path, ca
     assert (tmp_path / "c" / "model.safetensors").is_file()
 
 
+def test_an_output_path_through_a_file_is_refused_in_one_line(tiny_run_dir, tmp_path, capsys):
+    note = tmp_path / "notes.txt"
+    note.write_text("keep me")
+    for out in (note, note / "export"):
+        assert main([str(tiny_run_dir), str(out)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"ftlm-export: error: the output directory {out} cannot be made: {note} is a file")
+        assert "Traceback" not in err
+    assert note.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # refused before anything was written
+
+
 @pytest.fixture(scope="module")
 def zero2_llama_run(tmp_path_factory) -> Path:
     """Like tiny_run_dir, but rmsnorm+swiglu trained under ZeRO-2 (whose optimizer files hold other records)."""

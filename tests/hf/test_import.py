@@ -166,6 +166,13 @@ def test_bad_inputs_are_named_before_weights_are_read(tmp_path, sp_tokenizer_jso
         load_pretrained(src)
     _edit_config(src, vocab_size=896)
 
+    blocker = tmp_path / "notes.txt"  # an output path through a file: named, nothing read or written
+    blocker.write_text("keep me")
+    assert import_main([str(src), str(blocker / "out")]) == 1
+    err = capsys.readouterr().err
+    assert f"ftlm-import: error: the output directory {blocker / 'out'} cannot be made: {blocker} is a file" in err
+    assert blocker.read_text() == "keep me"
+
 
 def _as_transformers_5(path, rename: dict[str, str]) -> None:
     """Rewrite config.json as transformers 5 saves it: the rotary settings only inside rope_parameters."""

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from launch_util import FAST, REPO, env
+from launch_util import FAST, REPO, env, python_cmd, python_prepare_cmd, run_status
 from omegaconf import OmegaConf
 
 from ftlm.config import ConfigError, compose
@@ -92,7 +92,8 @@ def test_apps_create_nothing_in_the_working_directory(ftlm_cache, tmp_path):
     assert list((home / ".cache" / "ftlm" / "runs").iterdir()) == []
     # ftlm-prepare with a data config that fails its checks.
     proc = _cli([sys.executable, "-m", "ftlm.data.prepare", "data.mix.ko=2"], cwd, home, ftlm_cache)
-    assert proc.returncode != 0
+    assert proc.returncode == 2 and "ftlm-prepare: error: data.mix shares must sum to 1" in proc.stderr
+    assert "Traceback" not in proc.stderr
     assert list(cwd.iterdir()) == []
 
 
@@ -118,3 +119,32 @@ def test_a_sweep_keeps_each_job_in_its_own_run_directory(ftlm_cache, tmp_path):
         log = (sweep / str(job) / "train.log").read_text()
         assert f"step {steps}/{steps}" in log and f"step_{steps:08d}" in log
         assert "#1 :" not in log and "Launching" not in log  # Hydra's lines for the next job stay out of it
+
+
+@pytest.mark.parametrize(
+    "overrides,line",
+    [
+        # the trainer's own checks, before any process group exists
+        (["trainer.lr=-1"], "ftlm-train: error: trainer.lr must be positive, got -1.0"),
+        # the model's (GPTConfig)
+        (["model.n_head=3"], "ftlm-train: error: model.d_model: 64 is not divisible by n_head=3"),
+        # found by the data path once training has started (distributed set up, run directory locked)
+        (["data=custom"], "ftlm-train: error: data.sources.ko: no file matches /path/to/korean/*.jsonl"),
+    ],
+)
+def test_a_refused_run_says_why_in_one_line_and_exits_2(ftlm_cache, tmp_path, overrides, line):
+    cmd = python_cmd(FAST + overrides + [f"trainer.out_dir={tmp_path / 'run'}"])
+    proc = run_status(cmd, ftlm_cache)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert line in proc.stderr.splitlines()
+    assert "Traceback" not in proc.stdout + proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr
+    if overrides == ["trainer.lr=-1"]:  # Hydra's switch still shows where it was raised
+        proc = run_status(cmd, ftlm_cache, extra_env={"HYDRA_FULL_ERROR": "1"})
+        assert proc.returncode != 0 and "Traceback" in proc.stderr and "check_trainer_config" in proc.stderr
+
+
+def test_prepare_names_a_source_without_files_in_one_line(ftlm_cache, tmp_path):
+    proc = run_status(python_prepare_cmd("data=custom", f"data.out_dir={tmp_path / 'data'}"), ftlm_cache)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "ftlm-prepare: error: data.sources.ko: no file matches /path/to/korean/*.jsonl" in proc.stderr.splitlines()
+    assert "Traceback" not in proc.stderr

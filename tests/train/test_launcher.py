@@ -1,7 +1,13 @@
 """Real training runs: the deepspeed launcher with 2 CPU processes (ZeRO-3 over gloo), and a plain process."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
-from launch_util import FAST, deepspeed_cmd, python_cmd, run, scalars
+from launch_util import FAST, REPO, deepspeed_cmd, free_port, python_cmd, run, run_status, scalars
 
 pytestmark = pytest.mark.slow
 
@@ -94,3 +100,41 @@ def test_single_process_without_launcher_learns(ftlm_cache, tmp_path):
     assert sum(logged[-3:]) < 0.95 * sum(logged[:3])
     assert max(logged[-3:]) < logged[0]
     assert "sample  '대한민국은' -> '대한민국은" in proc.stdout
+
+
+def test_on_rank_0_tells_every_rank_how_rank_0s_work_went():
+    """Rank 0 prepares the data, takes the run's lock and writes its files alone; when that fails, the other ranks
+    stop at once with its reason, instead of waiting for a peer that has gone (until NCCL's timeout, on every node)."""
+    worker = Path(__file__).with_name("rank0_worker.py")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(REPO)
+    procs = [
+        subprocess.Popen([sys.executable, str(worker)], env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, text=True)
+        for r in (0, 1)
+    ]
+    try:
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    got = {(r["rank"], r["work"]): r for out in outs for r in map(json.loads, out.splitlines())}
+    assert got[0, "succeeds"]["returned"] == {"made by": 0} and got[1, "succeeds"]["returned"] is None
+    for rank in (0, 1):  # a refusal is the same refusal everywhere: each rank's one line says what to change
+        assert got[rank, "refuses"] == {
+            "rank": rank,
+            "work": "refuses",
+            "raised": "DataConfigError",
+            "message": "data.mix.ko must be a number >= 0, got -1.0",
+        }
+    assert got[0, "breaks"]["raised"] == "OSError"  # rank 0 keeps its own error (and traceback)
+    assert got[1, "breaks"]["raised"] == "StoppedWithRank0"
+    assert got[1, "breaks"]["message"] == "rank 0 stopped: [Errno 28] No space left on device"
+
+
+def test_a_refused_two_rank_run_stops_every_rank_in_one_line(ftlm_cache, tmp_path):
+    proc = run_status(deepspeed_cmd(2, FAST + ["data=custom", f"trainer.out_dir={tmp_path / 'run'}"]), ftlm_cache)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-4000:]
+    assert out.count("ftlm-train: error: data.sources.ko: no file matches /path/to/korean/*.jsonl\n") == 2
+    assert "Traceback" not in out
