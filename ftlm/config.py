@@ -129,7 +129,9 @@ def hydra_app(config_name: str = "config", refusals: tuple[type[BaseException], 
 
 def refuse(error: BaseException, prog: str | None = None) -> None:
     """End the app with `<prog>: error: <message>` on stderr and exit status 2 (argparse's usage error)."""
-    print(f"{prog or Path(sys.argv[0]).name}: error: {error}", file=sys.stderr, flush=True)
+    # one write, so the lines of ranks sharing the launcher's stderr never interleave
+    sys.stderr.write(f"{prog or Path(sys.argv[0]).name}: error: {error}\n")
+    sys.stderr.flush()
     sys.exit(2)
 
 

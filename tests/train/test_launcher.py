@@ -136,5 +136,6 @@ def test_a_refused_two_rank_run_stops_every_rank_in_one_line(ftlm_cache, tmp_pat
     proc = run_status(deepspeed_cmd(2, FAST + ["data=custom", f"trainer.out_dir={tmp_path / 'run'}"]), ftlm_cache)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out[-4000:]
-    assert out.count("ftlm-train: error: data.sources.ko: no file matches /path/to/korean/*.jsonl\n") == 2
+    line = "ftlm-train: error: data.sources.ko: no file matches /path/to/korean/*.jsonl"
+    assert proc.stderr.splitlines().count(line) == 2  # one whole line from each rank
     assert "Traceback" not in out
