@@ -113,18 +113,27 @@ def grown_config(src_cfg: GPTConfig, src_tokenizer: Path, tokenizer_path: Path) 
     return dataclasses.replace(src_cfg, vocab_size=vocab)
 
 
+def check_fits(state: dict, model) -> None:
+    """Refuse weights that lack a parameter of the built model or hold one in another shape. It runs on rank 0
+    before the copy starts: a mismatch found inside load_into's gathers would stop rank 0 while the other ranks
+    wait in the next collective. (Under ZeRO-3 a parameter's own shape is empty; ds_shape is the whole one.)"""
+    shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters()}
+    missing = [n for n in shapes if n not in state]
+    if missing:
+        raise ConfigError(f"trainer.init_from: the source has no weights for {', '.join(missing[:5])}")
+    wrong = [f"{n} is {tuple(state[n].shape)}, the model's {s}" for n, s in shapes.items() if state[n].shape != s]
+    if wrong:
+        raise ConfigError(f"trainer.init_from: the source's weights do not fit the model: {'; '.join(wrong[:3])}")
+
+
 @torch.no_grad()
 def load_into(model, state: dict | None, zero3: bool, rank: int) -> None:
-    """Copy `state` (held by rank 0 only; None elsewhere) into the freshly built model, parameter by parameter:
-    under ZeRO-3 each is gathered, set on rank 0 and re-partitioned, so no rank holds the full model twice."""
+    """Copy `state` (held by rank 0 only, checked there by check_fits; None elsewhere) into the freshly built model,
+    parameter by parameter: under ZeRO-3 each is gathered, set on rank 0 and re-partitioned, so no rank holds the
+    full model twice."""
     import deepspeed
     import torch.distributed as dist
 
-    names = [n for n, _ in model.named_parameters()]
-    if rank == 0:
-        missing = [n for n in names if n not in state]
-        if missing:
-            raise ConfigError(f"trainer.init_from: the source has no weights for {', '.join(missing[:5])}")
     for name, p in model.named_parameters():
         with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=zero3):
             if rank == 0:

@@ -40,6 +40,7 @@ from ftlm.train.engine import (
     shutdown_distributed,
 )
 from ftlm.train.init_from import (
+    check_fits,
     continued_config,
     explicit_model_overrides,
     grown_config,
@@ -242,9 +243,13 @@ class Trainer:
 
     def _load_source(self, model, zero3: bool) -> None:
         t = self.t
-        state = on_rank_0(  # one copy of the source's weights, on rank 0
-            self.d, lambda: source_weights(t.init_from, self.model_cfg, self.source_tokenizer, self.tokenizer_path)[0]
-        )
+
+        def read():  # one copy of the source's weights, on rank 0, checked before any rank starts copying
+            state = source_weights(t.init_from, self.model_cfg, self.source_tokenizer, self.tokenizer_path)[0]
+            check_fits(state, model)
+            return state
+
+        state = on_rank_0(self.d, read)
         load_into(model, state, zero3, self.d.rank)
         log.info("initialised from %s; optimizer and learning-rate schedule start fresh", self.t.init_from)
 

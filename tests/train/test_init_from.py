@@ -104,3 +104,33 @@ def test_a_model_override_that_disagrees_with_the_source_is_refused(ftlm_cache, 
     out = proc.stdout + proc.stderr
     assert "model.n_layer=3 disagrees with the model trainer.init_from starts from" in out and "n_layer=2" in out
     assert "preparing" not in out  # refused before any data work
+
+
+def test_weights_that_do_not_fit_the_model_are_refused_before_the_copy():
+    """check_fits runs in rank 0's reading of the source (on_rank_0), so a mismatch stops every rank with one message
+    instead of stopping rank 0 inside load_into's ZeRO-3 gathers while the others wait."""
+    from ftlm.config import ConfigError
+    from ftlm.model import GPT, GPTConfig
+    from ftlm.train.init_from import check_fits
+
+    model = GPT(GPTConfig(vocab_size=97, max_seq_len=16, n_layer=1, n_head=2, d_model=32, tie_embeddings=False))
+    state = {n: p.detach().clone() for n, p in model.named_parameters()}
+    check_fits(state, model)  # the model's own weights fit
+
+    missing = dict(state)
+    lost = next(iter(missing))
+    del missing[lost]
+    with pytest.raises(ConfigError, match=f"the source has no weights for {lost}"):
+        check_fits(missing, model)
+
+    name = next(n for n in state if state[n].dim() == 2)
+    wrong = {**state, name: torch.zeros(state[name].shape[0] + 1, state[name].shape[1])}
+    with pytest.raises(ConfigError, match=f"do not fit the model: {name} is"):
+        check_fits(wrong, model)
+
+    # Under ZeRO-3 a parameter holds an empty partition; its whole shape is ds_shape.
+    p = dict(model.named_parameters())[name]
+    p.ds_shape, p.data = p.shape, torch.empty(0)
+    check_fits(state, model)
+    with pytest.raises(ConfigError, match=name):
+        check_fits(wrong, model)
