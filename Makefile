@@ -24,18 +24,19 @@ install: $(STAMP)
 # constraint to the torch already there; where uv cannot install them (an index only pip is configured for),
 # or with INSTALLER=pip, pip does.
 INSTALLER ?= uv
+PIP_DEPS := $(PIP) install -q --no-build-isolation -e ".[dev]"
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/* csrc/*/*)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q torch numpy pybind11 ninja $(filter uv,$(INSTALLER))
-	@$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-constraint.txt
 	@echo "installing ftlm and its dependencies with $(INSTALLER)"
 	@if [ "$(INSTALLER)" = uv ]; then \
+	  $(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-constraint.txt; \
 	  $(VENV)/bin/uv pip install -q --python $(PY) --compile-bytecode -c $(VENV)/torch-constraint.txt \
 	    --no-build-isolation -e ".[dev]" || { echo "uv could not install ftlm's dependencies (above); pip will"; \
-	    $(PIP) install -q --no-build-isolation -e ".[dev]"; }; \
-	else $(PIP) install -q --no-build-isolation -e ".[dev]"; fi
+	    $(PIP_DEPS); }; \
+	else $(PIP_DEPS); fi
 	@$(PY) -c "import ftlm.kernels.ext as e; print('ftlm._C extension:', 'built' if e.has_extension() else 'missing (PyTorch fallback)')"
 	@$(PY) -c "from ftlm.data.native import text_ops; print('ftlm._text extension:', 'built' if text_ops() else 'missing (numpy fallback)')"
 	@touch $@
