@@ -259,7 +259,9 @@ def config_from_hf(hf: dict, where: str = "config.json", **runtime) -> GPTConfig
         d_model=d_model,
         d_ff=int(need("intermediate_size")),
         init_std=float(hf.get("initializer_range", 0.02)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", arch != "GPTNeoXForCausalLM")),
+        # A key left out means transformers' default, False for all three (a config written by hand or by a
+        # converter may omit it; reading it as tied would drop the checkpoint's own lm_head).
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
     )
     if arch in ("LlamaForCausalLM", "MistralForCausalLM"):
         act = hf.get("hidden_act", "silu")
@@ -279,7 +281,10 @@ def config_from_hf(hf: dict, where: str = "config.json", **runtime) -> GPTConfig
         if int(hf.get("pretraining_tp", 1) or 1) != 1:
             log.info("%s: pretraining_tp=%s only changes how Hugging Face splits matmuls; ignored", where,
                      hf["pretraining_tp"])  # fmt: skip
-        window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+        # MistralConfig's default window is 4096: a Mistral config without the key still slides (Llama's never).
+        window = hf.get("sliding_window", 4096 if arch == "MistralForCausalLM" else None)
+        if not hf.get("use_sliding_window", True):
+            window = None
         if window is not None and int(window) < common["max_seq_len"]:
             # Within the window, sliding-window attention is plain causal attention.
             log.warning(

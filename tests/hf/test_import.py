@@ -69,6 +69,34 @@ def test_import_parity_fp32(case, tmp_path, sp_tokenizer_json, bytelevel_tokeniz
         )
 
 
+@pytest.mark.parametrize("arch", ["llama", "mistral", "neox"])
+def test_keys_a_config_leaves_out_mean_what_transformers_reads_there(
+    arch, tmp_path, sp_tokenizer_json, bytelevel_tokenizer_json
+):
+    """A config.json written by hand or by a converter may omit keys; each then means transformers' default
+    (an untied head for all three, a 4096-token window for Mistral), never ftlm's guess."""
+    from transformers import AutoConfig
+
+    build, tok = (neox, bytelevel_tokenizer_json) if arch == "neox" else (llama, sp_tokenizer_json)
+    src = build(tmp_path / arch, tok, seed=3)  # an untied head
+    cfg = json.loads((src / "config.json").read_text())
+    del cfg["tie_word_embeddings"]
+    if arch == "mistral":
+        cfg.update(architectures=["MistralForCausalLM"], model_type="mistral", max_position_embeddings=8192)
+        cfg.pop("sliding_window", None)
+    (src / "config.json").write_text(json.dumps(cfg))
+    hf = AutoConfig.from_pretrained(src)
+    ours, state, _ = load_pretrained(src)
+    assert ours.tie_embeddings is hf.tie_word_embeddings is False
+    if arch == "mistral":
+        assert hf.sliding_window == 4096 and ours.max_seq_len == 4096  # clamped to where the two attentions agree
+    model = build_model(ours, state)
+    ids = torch.randint(0, 700, (1, 23), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits, _ = model(ids)
+    assert (logits - hf_logits(src, ids)[0]).abs().max().item() <= 1e-4
+
+
 @pytest.mark.parametrize("case", ["llama_gqa_untied", "llama_tied_bias", "neox_polyglot"])
 def test_import_then_export_gives_the_same_tensors_and_generation(
     case, tmp_path, sp_tokenizer_json, bytelevel_tokenizer_json
