@@ -155,15 +155,26 @@ def check_out_dir(out_dir: str) -> None:
 
 
 def _check_forced_tokenizer(path: str, specials: list[str]) -> None:
-    from .tokenizer import EOT, PAD, Tokenizer
+    """A tokenizer the data must be prepared with as it is (a run's own, trainer.init_from's): it needs an
+    end-of-text token of its own (ftlm's <|endoftext|>, Llama's </s>, ...; a padding token is optional, padding
+    uses end-of-text then) and every data.tokenizer.special_tokens, since adding any would change the vocabulary."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from .tokenizer import EOT_NAMES, Tokenizer
 
     if not os.path.isfile(path):
         raise DataConfigError(f"the tokenizer to prepare with, {path}, does not exist")
     try:
+        own = HFTokenizer.from_file(path).get_vocab(with_added_tokens=True)  # before Tokenizer adds what it lacks
         tokenizer = Tokenizer.load(path)
     except Exception as err:
         raise DataConfigError(f"the tokenizer to prepare with, {path}, cannot be loaded: {err}") from None
-    missing = [t for t in [EOT, PAD, *specials] if t not in tokenizer.special_tokens()]
+    if not any(t in own for t in EOT_NAMES):
+        raise DataConfigError(
+            f"the tokenizer to prepare with, {path}, has no end-of-text token (one of {', '.join(EOT_NAMES)}); "
+            "documents are separated by it, and adding one would change the vocabulary"
+        )
+    missing = [t for t in specials if t not in tokenizer.special_tokens()]
     if missing:
         raise DataConfigError(
             f"data.tokenizer.special_tokens: {missing} not in {path}; a run keeps its tokenizer as it is, so remove "

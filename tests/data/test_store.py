@@ -22,6 +22,7 @@ from ftlm.data.checks import DataConfigError
 from ftlm.data.layout import POINTER_FILE, DamagedPreparationError, split_dir
 from ftlm.data.prepare import gc, prepare
 from ftlm.data.stream import build_train_loader, read_split
+from ftlm.data.tokenizer import Tokenizer
 
 SEQ, MB = 32, 2
 
@@ -203,6 +204,27 @@ def test_refused_tokenizer_writes_nothing(config, tmp_path):
     with pytest.raises(DataConfigError, match="does not exist"):
         prepare(OmegaConf.create(cfg), tokenizer_path=str(tmp_path / "missing.json"))
     assert files_of(cfg["out_dir"]) == state
+
+
+def test_a_llama_style_tokenizer_is_prepared_with_as_it_is(config, tmp_path):
+    """A run's or a source model's tokenizer whose end of text is </s> and which has no padding token (Llama-2,
+    Mistral, SOLAR) prepares the data unchanged; one without any end-of-text token is refused, naming the file."""
+    cfg = config()
+    ours = Path(prepare(OmegaConf.create(cfg)).tokenizer_path).read_text(encoding="utf-8")
+    llama_like = tmp_path / "llama" / "tokenizer.json"
+    llama_like.parent.mkdir()
+    llama_like.write_text(ours.replace("<|endoftext|>", "</s>").replace("<|pad|>", "<unk>"), encoding="utf-8")
+    done = prepare(OmegaConf.create(cfg), tokenizer_path=str(llama_like))
+    assert Path(done.tokenizer_path).read_bytes() == llama_like.read_bytes()  # the vocabulary as it was
+    tokenizer = Tokenizer.load(done.tokenizer_path)
+    assert tokenizer.eot_id == tokenizer.backend.token_to_id("</s>") == tokenizer.pad_id
+    assert all(s["docs_out"] > 0 for s in done.stats["streams"].values())
+
+    no_end = tmp_path / "no_end" / "tokenizer.json"
+    no_end.parent.mkdir()
+    no_end.write_text(ours.replace("<|endoftext|>", "<|sep|>"), encoding="utf-8")
+    with pytest.raises(DataConfigError, match=f"{no_end}, has no end-of-text token"):
+        prepare(OmegaConf.create(cfg), tokenizer_path=str(no_end))
 
 
 def damage(root: str, kind: str) -> str:
