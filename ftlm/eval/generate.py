@@ -3,12 +3,13 @@
     ftlm-generate <run dir | checkpoint | export dir> --prompt "대한민국은" [--max-new-tokens 128]
                   [--temperature 0.8] [--top-k 50] [--top-p 0.95] [--seed 0] [--device auto]
 
-Text is printed as the tokens come. A byte-level tokenizer may split one Hangul syllable (three UTF-8 bytes)
-across tokens, so StreamDecoder holds back a piece until it decodes to complete characters.
+Text is printed as the tokens come, each piece decoded after the ids before it (StreamDecoder): a byte-level
+tokenizer may split one Hangul syllable (three UTF-8 bytes) across tokens, and a SentencePiece-style one writes the
+space before a word into the word's token.
 
 An empty prompt starts a new document (the model continues from end-of-text). A prompt longer than the model's
-context is cut to its last max_seq_len - 1 tokens, with a warning (all of it is still printed), so at least one
-token can follow. --max-new-tokens 0 prints the prompt unchanged.
+context is cut to its last max_seq_len - 1 tokens (after the BOS of a Llama-style tokenizer), with a warning (all of
+it is still printed), so at least one token can follow. --max-new-tokens 0 prints the prompt unchanged.
 """
 
 from __future__ import annotations
@@ -93,28 +94,51 @@ def sample(logits, temperature: float, top_k: int, top_p: float, generator=None)
 class StreamDecoder:
     """Turns token ids into text pieces as they arrive, never printing half a character.
 
-    The ids since the last complete piece are decoded together; while that text ends in U+FFFD (the
-    replacement for an incomplete UTF-8 sequence) it is held back. Each push costs the length of the held
-    piece, not of everything generated so far.
+    Each piece is what the new ids add to the text of the ids before them (`context`, the prompt, to begin with),
+    decoded together: a SentencePiece-style tokenizer (Llama-2, Mistral) writes a word's leading space as part
+    of its token, and drops it when the token is decoded on its own, and a byte-level one may split a Hangul
+    syllable (three UTF-8 bytes) across tokens. While the new text ends in U+FFFD (an incomplete UTF-8 sequence)
+    it is held back. Each push decodes the ids since the last printed piece and the piece before it, never
+    everything generated so far.
     """
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, context: list[int] = ()):
         self.tokenizer = tokenizer
-        self.pending: list[int] = []
+        self.ids: list[int] = list(context)[-CONTEXT_IDS:]
+        self.start = 0  # ids[start:printed] is the context the new ids are decoded after
+        self.printed = len(self.ids)  # ids before this are printed (or were the prompt)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def push(self, token_id: int) -> str:
-        self.pending.append(token_id)
-        text = self.tokenizer.decode(self.pending, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""
-        self.pending = []
-        return text
+        self.ids.append(token_id)
+        return self._take(hold=True)
 
     def flush(self) -> str:
         """Whatever is held back, as is (an incomplete sequence at the very end shows as U+FFFD)."""
-        text = self.tokenizer.decode(self.pending, skip_special_tokens=True) if self.pending else ""
-        self.pending = []
-        return text
+        return self._take(hold=False)
+
+    def _take(self, hold: bool) -> str:
+        if self.printed == len(self.ids):
+            return ""
+        before = self._decode(self.ids[self.start : self.printed])
+        text = self._decode(self.ids[self.start :])
+        if hold and (text.endswith("\ufffd") or len(text) <= len(before)):
+            return ""
+        piece = text[len(before) :] if text.startswith(before) else self._decode(self.ids[self.printed :])
+        del self.ids[: self.printed]  # what is printed now is the next piece's context
+        self.start, self.printed = 0, len(self.ids)
+        return piece
+
+
+CONTEXT_IDS = 8  # of the prompt kept as the first piece's context: decoders look at a token's neighbours only
+
+
+def continuation(tokenizer, prompt_ids: list[int], ids) -> str:
+    """The text that `ids` add after the prompt (as ftlm-generate prints it)."""
+    stream = StreamDecoder(tokenizer, prompt_ids)
+    return "".join(stream.push(i) for i in ids) + stream.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,13 +187,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     limit = model.cfg.max_seq_len - 1  # room for at least one new token
     if len(prompt_ids) > limit:
+        start = tokenizer.document_start  # a Llama-style BOS stays first: the model never saw text without it
+        kept = limit - len(start)
         log.warning(
-            "the prompt has %d tokens; the model sees its last %d (model.max_seq_len=%d); all of it is printed",
+            "the prompt has %d tokens; the model sees its last %d%s (model.max_seq_len=%d); all of it is printed",
             len(prompt_ids),
-            limit,
+            kept,
+            ", after the BOS token" if start else "",
             model.cfg.max_seq_len,
         )
-        prompt_ids = prompt_ids[-limit:]
+        prompt_ids = start + prompt_ids[-kept:]
     if args.max_new_tokens > model.cfg.max_seq_len - len(prompt_ids):
         log.warning(
             "generating at most %d tokens: the model's context is %d tokens",
@@ -185,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     out = sys.stdout
     out.write(args.prompt)
     out.flush()
-    stream = StreamDecoder(tokenizer)
+    stream = StreamDecoder(tokenizer, prompt_ids)
     start, n = time.perf_counter(), 0
     for token in generate(
         model,

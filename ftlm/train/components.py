@@ -165,13 +165,13 @@ class Sampler:
         return due(step, self.every, self.max_steps) and step < self.max_steps  # the end has its own samples
 
     def run(self, step: int, show: bool = False) -> dict[str, str]:
-        from ftlm.eval.generate import generate
+        from ftlm.eval.generate import continuation, generate
 
         out = {}
         for prompt in self.prompts:
             prompt_ids = self.tokenizer.encode_document(prompt)  # BOS first for a Llama-style tokenizer
             ids = generate(self.model, prompt_ids, self.tokens, eos_id=self.tokenizer.eot_id)
-            out[prompt] = prompt + self.tokenizer.decode(list(ids))
+            out[prompt] = prompt + continuation(self.tokenizer, prompt_ids, ids)  # as ftlm-generate prints it
         for prompt, text in out.items():
             if show:
                 log.info("sample  %r -> %r", prompt, text)

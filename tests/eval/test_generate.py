@@ -127,6 +127,36 @@ def test_stream_decoder_never_prints_half_a_syllable(tiny_run_dir):
     assert "".join(pieces) + stream.flush() == text
 
 
+@pytest.mark.parametrize("legacy", [False, True], ids=["metaspace", "legacy_llama2"])
+def test_stream_decoder_keeps_the_spaces_a_sentencepiece_tokenizer_writes_into_its_tokens(legacy):
+    """Llama-2 / Mistral tokenizers write a word's leading space as "▁" inside its token and drop it when a token is
+    decoded on its own: each piece is decoded after the ids before it (the prompt's first), so the printed text is
+    the text of the whole sequence, prompt and continuation, and the sampler's text is the same."""
+    import sys
+    from pathlib import Path
+
+    from tokenizers import Tokenizer as HFTok
+
+    from ftlm.data import corpus
+    from ftlm.eval.generate import continuation
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hf"))
+    import sp_tokenizer  # tests/hf/sp_tokenizer.py: built locally with the tokenizers library
+
+    english = [d["text"] for d in corpus.english_documents()][:150]
+    tok = Tokenizer(HFTok.from_str(sp_tokenizer.build(english, 600, legacy=legacy)))
+    prompt, rest = "The function returns", " the value of the argument, 대한민국 and a list."
+    prompt_ids = tok.encode_document(prompt)
+    ids = tok.encode(prompt + rest)[len(tok.encode(prompt)) :]
+    assert tok.decode(ids[:1]) != tok.decode(prompt_ids + ids[:1], skip_special_tokens=True)[len(prompt) :]
+    stream = StreamDecoder(tok, prompt_ids)
+    pieces = [stream.push(i) for i in ids]
+    assert all("\ufffd" not in p for p in pieces)  # Korean falls back to bytes here: held until whole
+    assert prompt + "".join(pieces) + stream.flush() == prompt + rest
+    assert continuation(tok, prompt_ids, ids) == rest
+    assert continuation(tok, [tok.bos_id], ids[1:])[0] != " "  # a new document's first word has no space before it
+
+
 def test_cli_streams_greedy_continuation(tiny_run_dir, capsys):
     assert (
         main(
