@@ -188,8 +188,20 @@ class FtlmLM(TemplateLM):
     def tokenizer_name(self) -> str:
         return "ftlm"
 
+    @property
+    def prefix_token_id(self) -> int:
+        """What an empty context (and each rolling window) starts from: BOS where the tokenizer has one (Llama's
+        <s>), else end-of-text; as lm-eval's hf model does on the export, whose bos_token is the same."""
+        return self.tokenizer.bos_id if self.tokenizer.bos_id is not None else self.tokenizer.eot_id
+
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len=None, **kwargs):
-        ids = self.tokenizer.encode(string)  # ftlm adds no special tokens, like the exported HF tokenizer
+        """A Llama-style tokenizer's BOS first (every training document began with it), unless the text starts with
+        it already or lm-eval asks for no special tokens: the exported tokenizer's defaults, as the hf model sees
+        them. ftlm's byte-level tokenizers add nothing."""
+        start = self.tokenizer.document_start
+        if add_special_tokens is None and start:
+            add_special_tokens = not string.startswith(self.tok_decode(start, skip_special_tokens=False))
+        ids = (start if add_special_tokens else []) + self.tokenizer.encode(string)
         return ids[-left_truncate_len:] if left_truncate_len else ids
 
     def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:

@@ -126,23 +126,32 @@ def macro_f1(items):
 """
 
 
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
+def make_bench(root, llama_style: bool = False) -> dict:
     """An ftlm model directory (random weights, sharp enough that choices are far from ties), its ftlm-export (with
-    the Hugging Face directory), and a folder of task YAMLs over local JSON."""
-    root = tmp_path_factory.mktemp("bench")
+    the Hugging Face directory), and a folder of task YAMLs over local JSON. llama_style: rmsnorm + swiglu with a
+    SentencePiece-style tokenizer that puts <s> before every text (exported as LlamaForCausalLM); otherwise
+    ftlm's byte-level tokenizer and layernorm + gelu (GPTNeoXForCausalLM)."""
     texts = [q + " " + " ".join(c) for q, c, _ in MC] + PARAGRAPHS + [p + a for p, a in GEN]
-    tok = train_tokenizer(texts * 3, 400, min_frequency=1, show_progress=False)
-    tok.save(str(root / "tokenizer.json"))
+    if llama_style:
+        import sys
+        from pathlib import Path
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hf"))
+        import sp_tokenizer  # tests/hf/sp_tokenizer.py: built locally with the tokenizers library
+
+        (root / "tokenizer.json").write_text(sp_tokenizer.build(texts * 3, 500), encoding="utf-8")
+    else:
+        tok = train_tokenizer(texts * 3, 400, min_frequency=1, show_progress=False)
+        tok.save(str(root / "tokenizer.json"))
     cfg = GPTConfig(
-        vocab_size=512,
+        vocab_size=768 if llama_style else 512,  # 759 tokens (256 of them bytes) or 400
         max_seq_len=64,  # the paragraphs need several rolling windows
         n_layer=2,
         n_head=4,
         n_kv_heads=2,
         d_model=64,
-        norm="layernorm",
-        mlp="gelu",
+        norm="rmsnorm" if llama_style else "layernorm",
+        mlp="swiglu" if llama_style else "gelu",
         init_std=0.1,
         attn_impl="sdpa",
         norm_impl="torch",
@@ -166,6 +175,16 @@ def bench(tmp_path_factory):
     for name, text in TASKS.items():
         (tasks / name).write_text(textwrap.dedent(text).format(dir=tasks))
     return {"model": model_dir, "hf": hf_dir, "tasks": tasks, "cfg": cfg}
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    return make_bench(tmp_path_factory.mktemp("bench"))
+
+
+@pytest.fixture(scope="module")
+def llama_bench(tmp_path_factory):
+    return make_bench(tmp_path_factory.mktemp("llama_bench"), llama_style=True)
 
 
 def _no_network(monkeypatch):
@@ -207,10 +226,14 @@ def _samples(results, task):
     return sorted(results["samples"][task], key=lambda s: s["doc_id"])
 
 
-def test_same_numbers_as_lm_evals_hf_model_on_the_export(bench, monkeypatch):
-    """fp32 on the CPU: per-request log-likelihoods within 1e-4, equal accuracy, equal greedy generations."""
+@pytest.mark.parametrize("kind", ["bench", "llama_bench"])
+def test_same_numbers_as_lm_evals_hf_model_on_the_export(kind, request, monkeypatch):
+    """fp32 on the CPU: per-request log-likelihoods within 1e-4, equal accuracy, equal greedy generations; with a
+    Llama-style tokenizer too, whose <s> both models put first."""
     _no_network(monkeypatch)
     from lm_eval import simple_evaluate
+
+    bench = request.getfixturevalue(kind)
 
     names = ["ko_mc", "ko_ppl", "ko_gen"]
     manager = harness.load_tasks(names, bench["tasks"])
