@@ -50,7 +50,7 @@ from ftlm.checkpoint import (
     read_expected_config,
     read_state_dict,
 )
-from ftlm.hf.convert import HF_DTYPE_NAMES, HFExportError, hf_config, hf_family, to_hf_state_dict  # noqa: F401
+from ftlm.hf.convert import HF_CONFIG, HF_DTYPE_NAMES, HFExportError, hf_config, hf_family, to_hf_state_dict  # noqa: F401
 from ftlm.model import GPTConfig
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ def export(
         raise ValueError(f"--dtype {dtype}: not one of {', '.join(DTYPES)}")
     torch_dtype = DTYPES[dtype]
     out = Path(str(out)).expanduser()
-    check_output_dir(out)
+    check_output_dir(out, ftlm_files=not hf)
     source = locate(src)
     if expected_config is not None:
         if isinstance(expected_config, (str, Path)):
@@ -190,11 +190,18 @@ def export(
     return ftlm_dir
 
 
-def check_output_dir(out: Path) -> None:
-    """Refuse, before any weight is read, an output directory that cannot be made: it or a folder above is a file."""
+def check_output_dir(out: Path, ftlm_files: bool = False) -> None:
+    """Refuse, before any weight is read, an output directory that cannot be made (it or a folder above is a file)
+    or, for ftlm's own files (ftlm-import, ftlm-export --no-hf), one holding a Hugging Face model: its
+    model.safetensors would be replaced by ftlm's, leaving a config.json that no longer loads."""
     blocked = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
     if blocked is not None:
         raise ValueError(f"the output directory {out} cannot be made: {blocked} is a file; choose another")
+    if ftlm_files and (out / HF_CONFIG).is_file():
+        raise ValueError(
+            f"the output directory {out} holds a Hugging Face model ({out / HF_CONFIG}); writing ftlm's "
+            f"{WEIGHTS} there would break it: choose a new output directory"
+        )
 
 
 def hf_invertible(cfg: GPTConfig) -> bool:

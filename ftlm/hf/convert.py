@@ -28,6 +28,7 @@ from ftlm.model import GPTConfig
 
 log = logging.getLogger(__name__)
 
+HF_CONFIG = "config.json"  # a Hugging Face model directory's config file
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "GPTNeoXForCausalLM")
 HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}
 # Buffers some older checkpoints saved beside the weights; they are recomputed, never read.

@@ -25,6 +25,7 @@ from ftlm.checkpoint import CONFIG, TOKENIZER, WEIGHTS, CheckpointError, load_to
 from ftlm.model import GPTConfig
 
 from .convert import (
+    HF_CONFIG,
     IGNORED_SUFFIXES,
     HFConversionError,
     architecture_of,
@@ -36,7 +37,6 @@ from .convert import (
 
 log = logging.getLogger(__name__)
 
-HF_CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
@@ -219,7 +219,7 @@ def import_model(src: str | Path, out: str | Path, dtype: str = "auto") -> Path:
     from ftlm.export import check_output_dir, write_ftlm
 
     out = Path(str(out)).expanduser()
-    check_output_dir(out)
+    check_output_dir(out, ftlm_files=True)
     hf = inspect(src)
     if out.resolve() == hf.path.resolve():
         raise ValueError(f"the output directory {out} is the model being read; choose another")

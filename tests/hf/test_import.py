@@ -202,6 +202,28 @@ def test_bad_inputs_are_named_before_weights_are_read(tmp_path, sp_tokenizer_jso
     assert blocker.read_text() == "keep me"
 
 
+def test_ftlm_files_never_land_on_a_hugging_face_model(tmp_path, sp_tokenizer_json, capsys):
+    """ftlm-import (and ftlm-export --no-hf) write model.safetensors in ftlm's layout: into a directory holding a
+    Hugging Face model (another one, or the export of a run) they would leave its config.json over foreign weights."""
+    from transformers import AutoModelForCausalLM
+
+    src = llama(tmp_path / "m", sp_tokenizer_json)
+    victim = llama(tmp_path / "other", sp_tokenizer_json, seed=1)
+    before = {p.name: p.read_bytes() for p in victim.iterdir()}
+    assert import_main([str(src), str(victim)]) == 1
+    assert f"the output directory {victim} holds a Hugging Face model ({victim / 'config.json'})" in (
+        capsys.readouterr().err
+    )
+    imported = import_model(src, tmp_path / "imported")
+    exported = tmp_path / "exported"
+    export(imported, exported, dtype="fp32")
+    with pytest.raises(ValueError, match="holds a Hugging Face model"):
+        export(imported, exported, dtype="fp32", hf=False)
+    assert {p.name: p.read_bytes() for p in victim.iterdir()} == before
+    AutoModelForCausalLM.from_pretrained(exported)  # still whole
+    export(imported, exported, dtype="fp32")  # exporting again over one's own export stays allowed
+
+
 def _as_transformers_5(path, rename: dict[str, str]) -> None:
     """Rewrite config.json as transformers 5 saves it: the rotary settings only inside rope_parameters."""
     cfg = json.loads((path / "config.json").read_text())
