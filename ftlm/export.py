@@ -126,6 +126,7 @@ def write_hf(hf_dir: Path, cfg: GPTConfig, state: dict, tokenizer, tokenizer_pat
         bos_token=backend.id_to_token(bos),
         eos_token=backend.id_to_token(tokenizer.eot_id),
         pad_token=backend.id_to_token(tokenizer.pad_id),
+        unk_token=getattr(backend.model, "unk_token", None),  # Llama's <unk>; byte-level BPE has none
         model_max_length=cfg.max_seq_len,
         clean_up_tokenization_spaces=False,
         # Llama / GPT-NeoX take no token_type_ids: generate(**tokenizer(...)) would reject them.

@@ -101,7 +101,7 @@ def test_keys_a_config_leaves_out_mean_what_transformers_reads_there(
 def test_import_then_export_gives_the_same_tensors_and_generation(
     case, tmp_path, sp_tokenizer_json, bytelevel_tokenizer_json
 ):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     src = make(case, tmp_path, sp_tokenizer_json, bytelevel_tokenizer_json)
     imported = tmp_path / "imported"
@@ -127,6 +127,7 @@ def test_import_then_export_gives_the_same_tensors_and_generation(
     )
     assert {k: getattr(b, k) for k in keys} == {k: getattr(a, k) for k in keys}
     assert rope_settings(b) == rope_settings(a)
+    assert AutoTokenizer.from_pretrained(out).unk_token == (None if "neox" in case else "<unk>")
 
     # greedy generation: transformers on the source, ftlm on the import, transformers on the export
     prompt = [5, 17, 42, 99, 7]
