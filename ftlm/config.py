@@ -197,6 +197,27 @@ def unknown_key_message(key: str, known: list[str]) -> str:
     return f"unknown config key {key}{hint}{listing}"
 
 
+def _entry_message(key: str, parent, known: list[str]) -> str | None:
+    """What to write instead, where the key is an entry of a mapping with keys of its own choosing (data.sources,
+    data.mix, data.clean.max_dup_ngram_frac, ...) rather than a field of a schema."""
+    import dataclasses
+
+    from omegaconf import DictConfig, OmegaConf
+
+    if not isinstance(parent, DictConfig) or dataclasses.is_dataclass(OmegaConf.get_type(parent)):
+        return None
+    mapping, leaf = key.rsplit(".", 1)
+    if leaf in known:  # there, but under an integer key (the n of an n-gram rule): a dotted path reaches strings only
+        return (
+            f"{key}: Hydra cannot reach the integer key {leaf} by a dotted path; write {mapping}={{{leaf}: VALUE}} "
+            "(the other entries keep their values; VALUE null turns that one off)"
+        )
+    return (
+        f"{mapping} has no entry {leaf!r}: Hydra adds entries with ++, e.g. ++{key}=VALUE, and removes them with "
+        f"~, e.g. ~{mapping}.NAME (entries: {', '.join(known) if known else 'none yet'})"
+    )
+
+
 def explain(error: Exception) -> Exception:
     """A composition error as a ConfigError naming the key (and the closest known key when it is unknown)."""
     from omegaconf.errors import (
@@ -217,7 +238,7 @@ def explain(error: Exception) -> Exception:
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
         parent = cause.parent_node
         known = [str(k) for k in parent.keys()] if parent is not None and hasattr(parent, "keys") else []
-        return ConfigError(unknown_key_message(key, known))
+        return ConfigError(_entry_message(key, parent, known) or unknown_key_message(key, known))
     if isinstance(cause, MissingMandatoryValue):
         return ConfigError(f"{key} has no value: set it in conf/ or on the command line")
     if isinstance(cause, ValidationError):

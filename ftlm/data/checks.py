@@ -80,6 +80,8 @@ def check_data_config(cfg: Mapping[str, Any]) -> list[str]:
     check_mix(cfg, streams)
     if not cfg["out_dir"]:
         raise DataConfigError("data.out_dir must be set (where preparations are written)")
+    if not cfg["text_field"]:
+        raise DataConfigError("data.text_field must name the field holding the text in .jsonl and .parquet inputs")
     for name, code in dict(cfg["lang"] or {}).items():
         if str(name) not in streams:
             raise DataConfigError(f"data.lang names unknown stream {name!r}; data.sources has {streams}")

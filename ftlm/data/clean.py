@@ -83,8 +83,11 @@ class CleanConfig:
     langid_min_prob: float | None = None  # py3langid must name the stream's language with this probability
     max_dup_line_frac: float | None = 0.3
     max_dup_line_char_frac: float | None = 0.2
-    max_top_ngram_frac: dict = field(default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16})
-    max_dup_ngram_frac: dict = field(default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10})
+    # n -> limit; a null limit turns that n off, a null dict all of them
+    max_top_ngram_frac: dict | None = field(default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16})
+    max_dup_ngram_frac: dict | None = field(
+        default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
+    )
 
     @classmethod
     def from_cfg(cls, cfg) -> CleanConfig:
@@ -95,7 +98,33 @@ class CleanConfig:
         for name in ("max_top_ngram_frac", "max_dup_ngram_frac"):
             if name in values:
                 values[name] = {int(k): float(v) for k, v in dict(values[name] or {}).items() if v is not None}
-        return cls(**values)
+        config = cls(**values)
+        config._check_ranges()
+        return config
+
+    def _check_ranges(self) -> None:
+        """Values no document could meet (or every document would) are settings mistakes, refused before any
+        work rather than found out as "no document survived" at the end."""
+        for name in ("min_chars", "max_chars", "min_words"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"data.clean.{name} must be null or >= 0, got {value!r}")
+        if self.max_mean_word_chars is not None and self.max_mean_word_chars <= 0:
+            raise ValueError(f"data.clean.max_mean_word_chars must be null or > 0, got {self.max_mean_word_chars!r}")
+        shares = ("min_letter_share", "min_script_share", "langid_min_prob", "max_dup_line_frac")
+        for name in (*shares, "max_dup_line_char_frac"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"data.clean.{name} is a share: it must be null or in [0, 1], got {value!r}")
+        for name in ("max_top_ngram_frac", "max_dup_ngram_frac"):
+            for n, limit in getattr(self, name).items():
+                if n < 1 or not 0.0 <= limit <= 1.0:
+                    raise ValueError(f"data.clean.{name}: n must be >= 1 and its share in [0, 1], got {n}: {limit}")
+        if self.min_chars is not None and self.max_chars is not None and self.min_chars > self.max_chars:
+            raise ValueError(
+                f"data.clean.min_chars={self.min_chars} is above data.clean.max_chars={self.max_chars}: "
+                "no document could be kept"
+            )
 
 
 # The order in which rules are tried; a document is counted against the first rule it fails.

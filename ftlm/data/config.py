@@ -70,11 +70,16 @@ def data_dict(cfg) -> dict:
         cfg = OmegaConf.to_container(cfg, resolve=True)
     try:
         node = OmegaConf.merge(OmegaConf.structured(DataConfig), cfg)
-        return OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
+        out = OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", "") or ""
         first = str(err).splitlines()[0]
         raise DataConfigError(f"data.{key}: {first}" if key else f"data: {first}") from None
+    # {} and null say the same (equal shares; natural shares): one spelling, so the fingerprint sees one value.
+    # base.yaml writes {} for sample_shares because Hydra cannot merge an override into a null mapping.
+    out["tokenizer"]["sample_shares"] = out["tokenizer"]["sample_shares"] or None
+    out["mix"] = out["mix"] or None
+    return out
 
 
 GROUPS = ("clean", "dedup", "tokenizer")  # sub-configs completed key by key by with_defaults

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from . import corpus, dedup
+from .checks import DataConfigError
 from .clean import CleanConfig, QualityFilter, normalize
 from .config import with_defaults
 from .dedup import DedupConfig
@@ -376,10 +377,19 @@ def tokenizer_sample(
 
 
 def given_tokenizer(cfg: dict) -> Tokenizer | None:
-    """The tokenizer named by data.tokenizer.path or .extend_from (load it before clearing out_dir: it may be in it)."""
+    """The tokenizer named by data.tokenizer.path or .extend_from (load it before clearing out_dir: it may be in it);
+    DataConfigError naming the key when it is missing or does not load."""
     tok_cfg = cfg["tokenizer"]
-    path = tok_cfg["path"] or tok_cfg["extend_from"]
-    return Tokenizer.load(expand_path(path)) if path else None
+    key = "path" if tok_cfg["path"] else "extend_from"
+    if not tok_cfg[key]:
+        return None
+    path = expand_path(tok_cfg[key])
+    try:
+        return Tokenizer.load(path)
+    except FileNotFoundError:
+        raise DataConfigError(f"data.tokenizer.{key}: {path} does not exist") from None
+    except Exception as err:  # the tokenizers library raises plain Exceptions for a file it cannot parse
+        raise DataConfigError(f"data.tokenizer.{key}: {path} is not a tokenizer.json that loads ({err})") from None
 
 
 def build_tokenizer(
@@ -573,7 +583,7 @@ def run(
                 "words_out": out["words_out"],
             }
             if not stats[s]["docs_out"]:
-                raise RuntimeError(
+                raise DataConfigError(
                     f"data.sources.{s}: no document survived reading, cleaning and deduplication "
                     f"(read {stats[s]['docs_in']}; dropped {dict(filtered)}, duplicates {stats[s]['duplicates']}; "
                     f"input issues {stats[s]['input_issues']['counts']}); check the files, data.text_field and "

@@ -206,6 +206,24 @@ def test_refused_tokenizer_writes_nothing(config, tmp_path):
     assert files_of(cfg["out_dir"]) == state
 
 
+def test_a_tokenizer_setting_that_cannot_load_and_data_that_all_drops_are_refusals(config, tmp_path):
+    """Each is one `ftlm-prepare: error:` line naming the key (a DataConfigError), never a traceback."""
+    cfg = config(out=tmp_path / "out")
+    for key in ("path", "extend_from"):
+        with pytest.raises(DataConfigError, match=f"data.tokenizer.{key}: {tmp_path}/absent.json does not exist"):
+            prepare(
+                OmegaConf.create(dict(cfg, tokenizer=dict(cfg["tokenizer"], **{key: str(tmp_path / "absent.json")})))
+            )
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"version": "1.0", "model"')
+    with pytest.raises(DataConfigError, match=f"data.tokenizer.path: {broken} is not a tokenizer.json that loads"):
+        prepare(OmegaConf.create(dict(cfg, tokenizer=dict(cfg["tokenizer"], path=str(broken)))))
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+    strict = dict(cfg, clean=dict(cfg["clean"], min_words=10_000))
+    with pytest.raises(DataConfigError, match=r"data.sources.(ko|en): no document survived"):
+        prepare(OmegaConf.create(strict))
+
+
 def test_a_llama_style_tokenizer_is_prepared_with_as_it_is(config, tmp_path):
     """A run's or a source model's tokenizer whose end of text is </s> and which has no padding token (Llama-2,
     Mistral, SOLAR) prepares the data unchanged; one without any end-of-text token is refused, naming the file."""
@@ -320,7 +338,7 @@ def test_truncated_gzip_parquet_without_text_and_a_symlink_loop(config, corpus, 
     shutil.copy(src / "en" / "other.parquet", only)
     cfg = config(sources=src, out=tmp_path / "only_out")
     cfg["sources"]["en"] = [str(only)]
-    with pytest.raises(RuntimeError, match="data.text_field"):
+    with pytest.raises(DataConfigError, match="no document survived.*data.text_field"):
         prepare(OmegaConf.create(cfg))
 
 
