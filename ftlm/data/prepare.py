@@ -103,7 +103,22 @@ def source_inputs(cfg: dict) -> dict[str, list]:
                     st = os.stat(path)
                     files.append([path, st.st_size, st.st_mtime_ns])
         inputs[stream] = files
+    _warn_shared_files(inputs)
     return inputs
+
+
+def _warn_shared_files(inputs: dict[str, list]) -> None:
+    """A file named by two streams is read by both (deduplication is per stream), so its documents count twice in
+    the mix: most likely a glob that reaches too far."""
+    owner: dict[str, str] = {}
+    for stream, files in inputs.items():
+        for path, *_ in files:
+            first = owner.setdefault(str(path), stream)
+            if first != stream and not str(path).startswith(corpus.EMBEDDED_PREFIX):
+                logger.warning(
+                    "%s is a source of both data.sources.%s and data.sources.%s: its documents are read for each",
+                    path, first, stream,
+                )  # fmt: skip
 
 
 def _digest(blob) -> str:

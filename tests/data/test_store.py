@@ -224,6 +224,18 @@ def test_a_tokenizer_setting_that_cannot_load_and_data_that_all_drops_are_refusa
         prepare(OmegaConf.create(strict))
 
 
+def test_a_file_two_streams_name_is_reported(config, corpus, caplog):
+    from ftlm.data.prepare import source_inputs
+
+    shared = corpus / "en" / "part0.jsonl"
+    cfg = config(sources=corpus)
+    cfg["sources"] = {"ko": [str(corpus / "ko"), str(shared)], "en": [str(corpus / "en")]}
+    with caplog.at_level(logging.WARNING):
+        source_inputs(cfg)
+    assert f"{shared} is a source of both data.sources.ko and data.sources.en" in caplog.text
+    assert str(corpus / "en" / "part1.jsonl") not in caplog.text
+
+
 def test_a_llama_style_tokenizer_is_prepared_with_as_it_is(config, tmp_path):
     """A run's or a source model's tokenizer whose end of text is </s> and which has no padding token (Llama-2,
     Mistral, SOLAR) prepares the data unchanged; one without any end-of-text token is refused, naming the file."""
