@@ -105,6 +105,8 @@ class TrainerState:
     tokenizer_vocab: int | None = None  # older checkpoints lack the tokenizer's size and fingerprint
     tokenizer_sha256: str | None = None
     config: dict | None = None  # the whole resolved run config
+    precision: str | None = None  # bf16 | fp16 | fp32, as trained (trainer.precision=auto resolved); older: None
+    zero_stage: int | None = None  # DeepSpeed's ZeRO stage; its optimizer files differ per stage and precision
     extra: dict = field(default_factory=dict)  # keys written by newer versions, kept as they are
 
     def to_dict(self) -> dict:
@@ -134,6 +136,8 @@ class TrainerState:
                 tokenizer_vocab=None if d.get("tokenizer_vocab") is None else int(d["tokenizer_vocab"]),
                 tokenizer_sha256=d.get("tokenizer_sha256"),
                 config=d.get("config"),
+                precision=d.get("precision"),
+                zero_stage=None if d.get("zero_stage") is None else int(d["zero_stage"]),
                 extra={k: v for k, v in d.items() if k not in known},
             )
         except (TypeError, ValueError) as e:

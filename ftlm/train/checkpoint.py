@@ -165,10 +165,17 @@ def resolve_resume(resume, root: Path) -> Path | None:
 
 
 def check_compatible(
-    ckpt: Path, model_cfg, tokenizer_vocab: int | None = None, tokenizer_sha256: str | None = None
+    ckpt: Path,
+    model_cfg,
+    tokenizer_vocab: int | None = None,
+    tokenizer_sha256: str | None = None,
+    precision: str | None = None,
+    zero_stage: int | None = None,
 ) -> None:
-    """Refuse a checkpoint written for another model or tokenizer before any weights are touched, naming the keys."""
+    """Refuse a checkpoint written for another model or tokenizer, or by DeepSpeed in another precision or ZeRO
+    stage (whose optimizer files it would not find), before any weights are touched, naming the keys."""
     state = TrainerState.from_file(ckpt)
+    check_same_engine(ckpt, state, precision, zero_stage)
     saved, wanted = arch_values(state.model_config), arch_values(model_cfg)
     diff = [f"model.{k}: checkpoint {saved[k]!r}, config {wanted[k]!r}" for k in saved if saved[k] != wanted[k]]
     if diff:
@@ -190,6 +197,24 @@ def check_compatible(
             "this run's tokenizer.json differs from the one checkpoint %s was trained with (same vocabulary "
             "size); continuing, but token ids may now mean different text",
             ckpt,
+        )
+
+
+def check_same_engine(ckpt: Path, state: TrainerState, precision: str | None, zero_stage: int | None) -> None:
+    trained = state.config or {}
+    saved_precision = state.precision or (trained.get("trainer") or {}).get("precision")
+    saved_stage = state.zero_stage if state.zero_stage is not None else (trained.get("deepspeed") or {}).get("stage")
+    if precision is not None and saved_precision not in (None, "auto") and saved_precision != precision:
+        raise ConfigError(
+            f"checkpoint {ckpt} was trained in {saved_precision}, and this run would train in {precision} "
+            f"(trainer.precision): DeepSpeed keeps the optimizer state per precision, so it resumes only in "
+            f"{saved_precision}: set trainer.precision={saved_precision}"
+        )
+    if zero_stage is not None and saved_stage is not None and int(saved_stage) != zero_stage:
+        raise ConfigError(
+            f"checkpoint {ckpt} was written under ZeRO stage {saved_stage}, and this run uses stage {zero_stage} "
+            f"(deepspeed.stage): DeepSpeed lays out the optimizer state per stage, so it resumes only under stage "
+            f"{saved_stage}: set deepspeed.stage={saved_stage} (or the deepspeed= preset it was trained with)"
         )
 
 
@@ -311,6 +336,8 @@ def start_fresh(run_dir: Path) -> Path | None:
     dest = set_aside(root, ckpts, "resume-never")
     if (root / LATEST).exists():
         os.replace(root / LATEST, dest / "checkpoints" / LATEST)
+    if (run_dir / "tensorboard").is_dir():  # their curves go with them: the new run's start at step 0 alone
+        os.replace(run_dir / "tensorboard", dest / "tensorboard")
     log.warning(
         "trainer.resume=never: this run directory already had %d checkpoint(s) (%s); moved them to %s "
         "(a run directory of its own: ftlm-generate/ftlm-export read it, trainer.resume=%s continues it; "

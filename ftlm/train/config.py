@@ -89,8 +89,22 @@ def check_trainer_config(t) -> None:
     for key in ("eval_interval", "save_interval", "sample_interval", "bench_interval", "warmup_steps"):
         if getattr(t, key) < 0:
             raise ConfigError(f"trainer.{key} must be 0 (off) or a positive integer, got {getattr(t, key)}")
+    for key in ("eval_batches", "sample_tokens"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"trainer.{key} must be a positive integer, got {getattr(t, key)}")
+    if t.keep_last < 0:
+        raise ConfigError(f"trainer.keep_last must be a number of checkpoints (0 keeps every one), got {t.keep_last}")
     if t.lr <= 0:
         raise ConfigError(f"trainer.lr must be positive, got {t.lr}")
+    for key in ("weight_decay", "grad_clip", "forgetting_warn"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"trainer.{key} must be >= 0, got {getattr(t, key)}")
+    if t.adam_eps <= 0:
+        raise ConfigError(f"trainer.adam_eps must be positive, got {t.adam_eps}")
+    if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
+        raise ConfigError(f"trainer.betas must be two numbers in [0, 1) (AdamW's beta1, beta2), got {list(t.betas)}")
+    if t.decay_steps is not None and t.decay_steps < 0:
+        raise ConfigError(f"trainer.decay_steps must be null (until max_steps) or >= 0, got {t.decay_steps}")
     if not 0.0 <= t.min_lr_ratio <= 1.0:
         raise ConfigError(f"trainer.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     if t.train_only not in TRAIN_ONLY:
@@ -106,3 +120,9 @@ def check_trainer_config(t) -> None:
         raise ConfigError("trainer.bench_tasks is set but trainer.bench_interval=0 would never run them")
     if t.bench_limit is not None and t.bench_limit <= 0:
         raise ConfigError(f"trainer.bench_limit must be null or positive, got {t.bench_limit}")
+
+
+def check_deepspeed_config(ds) -> None:
+    """conf/deepspeed values DeepSpeed itself would only reject deep inside its initialisation."""
+    if ds.stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.stage must be a ZeRO stage 0, 1, 2 or 3, got {ds.stage}")

@@ -114,6 +114,10 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return "bf16" if device.type == "cuda" else "fp32"
     if precision not in ("bf16", "fp16", "fp32"):
         raise ConfigError(f"trainer.precision: '{precision}' is not one of auto, bf16, fp16, fp32")
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError(
+            f"trainer.precision=fp16 needs a GPU (DeepSpeed has no fp16 on the {device.type}): use bf16 or fp32"
+        )
     return precision
 
 

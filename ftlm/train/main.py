@@ -30,7 +30,7 @@ from ftlm.model import ConfigError as ModelConfigError
 from ftlm.model import GPTConfig
 from ftlm.train import checkpoint
 from ftlm.train.components import Bench, Checkpointer, Forgetting, Sampler, StopSignal, Validator
-from ftlm.train.config import DeepSpeedConfig, TrainerConfig, check_trainer_config, typed
+from ftlm.train.config import DeepSpeedConfig, TrainerConfig, check_deepspeed_config, check_trainer_config, typed
 from ftlm.train.engine import (
     build_ds_config,
     build_engine,
@@ -80,6 +80,7 @@ def train(cfg) -> dict:
     t: TrainerConfig = typed(cfg.trainer, TrainerConfig)
     ds: DeepSpeedConfig = typed(cfg.deepspeed, DeepSpeedConfig)
     check_trainer_config(t)
+    check_deepspeed_config(ds)
     # Every model key is checked now, before any data work: only the vocabulary waits for the tokenizer.
     early = model_config(cfg.model, tokenizer_vocab=1)
     if t.seq_len > early.max_seq_len and not t.init_from:  # with init_from the source's length counts
@@ -147,11 +148,18 @@ class Trainer:
         from ftlm.data.tokenizer import Tokenizer
 
         self.cfg, self.t, self.run_dir, self.d = cfg, t, run_dir, d
-        precision = resolve_precision(t.precision, d.device)
+        self.precision = precision = resolve_precision(t.precision, d.device)
+        self.zero_stage = ds.stage
         ckpt_root = run_dir / "checkpoints"
 
         # 1. What this run continues from, and every check against it, before anything is written.
         resume_from = checkpoint.resolve_resume(t.resume, ckpt_root)
+        if resume_from is not None and TrainerState.from_file(resume_from).step > t.max_steps:
+            raise ConfigError(
+                f"trainer.max_steps={t.max_steps} is before the step of the checkpoint this run resumes from "
+                f"({resume_from}): it would train nothing; give a larger trainer.max_steps, or resume from an "
+                "earlier checkpoint with trainer.resume=<its path>"
+            )
         tokenizer, model_cfg = self._settle_tokenizer_and_model(resume_from)
 
         # 2. Data (prepared with the run's own tokenizer when it has one), then the run's files.
@@ -187,6 +195,8 @@ class Trainer:
             tokenizer_vocab=tokenizer.vocab_size,
             tokenizer_sha256=self.tokenizer_sha256,
             config=OmegaConf.to_container(cfg, resolve=True),
+            precision=precision,
+            zero_stage=ds_config["zero_optimization"]["stage"],
         )
         if resume_from is not None:
             saved, loader_state = checkpoint.load(self.engine, resume_from, d.rank, d.world_size)
@@ -263,6 +273,8 @@ class Trainer:
             t.max_steps,
             self.run_dir,
         )
+        if state.step >= t.max_steps:
+            log.info("the run is at step %d, trainer.max_steps, already: nothing to train", state.step)
         while state.step < t.max_steps:
             lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
             self.train_step(batches, measure=self.metrics.due(state.step + 1))
@@ -362,7 +374,14 @@ class Trainer:
                 model_cfg = continued_config(saved, cfg.model, explicit, str(resume_from))
             else:
                 model_cfg = model_config(cfg.model, tokenizer.vocab_size)
-            checkpoint.check_compatible(resume_from, model_cfg, tokenizer.vocab_size, tokenizer_fingerprint(fixed))
+            checkpoint.check_compatible(
+                resume_from,
+                model_cfg,
+                tokenizer.vocab_size,
+                tokenizer_fingerprint(fixed),
+                self.precision,
+                self.zero_stage,
+            )
             check_same_tokenizer_settings(resume_from, cfg)
         elif t.init_from and cfg.data.tokenizer.extend_from is None:
             fixed = self.source_tokenizer  # the source's tokenizer as it is (extend_from: its extension)
@@ -456,10 +475,14 @@ def check_same_tokenizer_settings(ckpt: Path, cfg) -> None:
     if before is None:
         return
     now = OmegaConf.to_container(cfg.data.tokenizer, resolve=True)
+
+    def setting(value):  # {} and null say the same (sample_shares: equal shares; base.yaml wrote null before)
+        return None if value == {} else value
+
     diff = [
         f"data.tokenizer.{k}: run {before.get(k)!r}, now {now.get(k)!r}"
         for k in sorted(set(before) | set(now))
-        if k != "path" and before.get(k) != now.get(k)
+        if k != "path" and setting(before.get(k)) != setting(now.get(k))
     ]
     if diff:
         raise ConfigError(
@@ -485,9 +508,18 @@ def loader_stats(loader, device) -> dict[str, float]:
     return {f"train/{k}": v for k, v in zip(keys, mean.tolist())}
 
 
-# A run refused because of what it was given (config, data, source model, checkpoint, a run directory in use):
-# one line `ftlm-train: error: ...` and exit status 2, on every rank that refuses, before or after training starts.
-REFUSALS = (ModelConfigError, HFImportError, CheckpointError, RunLockError, StoppedWithRank0, *DATA_REFUSALS)
+# A run refused because of what it was given (config, data, source model, checkpoint, a run directory in use), or a
+# checkpoint the disk had no room for (the message says how much, the previous checkpoint is intact): one line
+# `ftlm-train: error: ...` and exit status 2, on every rank that refuses, before or after training starts.
+REFUSALS = (
+    ModelConfigError,
+    HFImportError,
+    CheckpointError,
+    checkpoint.CheckpointSaveError,
+    RunLockError,
+    StoppedWithRank0,
+    *DATA_REFUSALS,
+)
 
 
 @hydra_app(refusals=REFUSALS, prog="ftlm-train")

@@ -128,9 +128,10 @@ class Metrics:
         if enabled and is_main:
             from torch.utils.tensorboard import SummaryWriter
 
-            # On resume, drop what a crashed run logged after its last checkpoint: those steps are redone.
+            # On resume, drop what a crashed run logged after its last checkpoint: those steps are redone. From step 0
+            # (a run that lost every checkpoint, or resume=never), everything an earlier run logged here is dropped.
             self.writer = SummaryWriter(
-                log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None
+                log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else 0
             )
         self.world_size = world_size
         self.tokens_per_step = tokens_per_step

@@ -265,6 +265,9 @@ def test_disk_full_midway_keeps_the_previous_checkpoint_and_says_so(tmp_path, mo
     with pytest.raises(checkpoint.CheckpointSaveError, match="no space left on device while saving step 20"):
         save(root, 20)
     assert not (root / "step_00000020.tmp").exists()
+    from ftlm.train.main import REFUSALS
+
+    assert issubclass(checkpoint.CheckpointSaveError, REFUSALS)  # ftlm-train says it in one line, exit status 2
 
 
 @pytest.mark.slow

@@ -87,11 +87,38 @@ def test_launcher_local_rank_never_reaches_hydra(argv, expected, local_rank, mon
     assert os.environ["LOCAL_RANK"] == local_rank  # kept where torch.distributed looks for it
 
 
-@pytest.mark.parametrize("key,value", [("max_steps", 0), ("micro_batch_size", -1), ("lr", 0), ("min_lr_ratio", 2)])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("max_steps", 0),
+        ("micro_batch_size", -1),
+        ("lr", 0),
+        ("min_lr_ratio", 2),
+        ("betas", "[0.9]"),
+        ("betas", "[1.5,0.95]"),
+        ("grad_clip", -1),
+        ("weight_decay", -1),
+        ("adam_eps", 0),
+        ("decay_steps", -5),
+        ("keep_last", -1),
+        ("eval_batches", 0),
+        ("sample_tokens", -5),
+    ],
+)
 def test_trainer_config_errors_name_the_key(key, value):
     cfg = compose([f"trainer.{key}={value}"])
     with pytest.raises(ValueError, match=f"trainer.{key}"):
         check_trainer_config(cfg.trainer)
+
+
+def test_settings_deepspeed_would_refuse_deep_inside_are_named_first():
+    from ftlm.train.config import DeepSpeedConfig, check_deepspeed_config, typed
+
+    with pytest.raises(ValueError, match="deepspeed.stage must be a ZeRO stage 0, 1, 2 or 3, got 5"):
+        check_deepspeed_config(typed(compose(["deepspeed.stage=5"]).deepspeed, DeepSpeedConfig))
+    with pytest.raises(ValueError, match="trainer.precision=fp16 needs a GPU"):
+        resolve_precision("fp16", torch.device("cpu"))
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
 
 
 @pytest.mark.parametrize(

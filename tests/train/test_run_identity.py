@@ -58,24 +58,37 @@ def files_under(folder):
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
 
 
-def test_a_refused_resume_writes_nothing(ftlm_cache, two_steps, tmp_path):
-    """Resuming with another tokenizer setting fails before the run directory or the data cache is touched."""
+@pytest.mark.parametrize(
+    "override,said",
+    [
+        (
+            "data.tokenizer.vocab_size=2048",
+            [
+                "this run's tokenizer is fixed",
+                "data.tokenizer.vocab_size: run 1024, now 2048",
+                "start a new run with its own trainer.run_name",
+            ],
+        ),
+        # DeepSpeed would look for optimizer files of another name and fail with a traceback, after config.yaml
+        ("trainer.precision=bf16", ["was trained in fp32, and this run would train in bf16", "trainer.precision=fp32"]),
+        ("deepspeed=zero2", ["written under ZeRO stage 3, and this run uses stage 2", "set deepspeed.stage=3"]),
+        ("trainer.max_steps=1", ["trainer.max_steps=1 is before the step of the checkpoint", "would train nothing"]),
+    ],
+)
+def test_a_refused_resume_writes_nothing(ftlm_cache, two_steps, tmp_path, override, said):
+    """Resuming with another tokenizer setting, precision or ZeRO stage fails before the run directory or the data
+    cache is touched."""
     root, data = two_steps
     work = tmp_path / "copy"
     shutil.copytree(root, work)
     run_dir = work / "run"
     data = [o.replace(str(root), str(work)) for o in data]
     before_run, before_data = files_under(run_dir), files_under(work / "prepared")
-    proc = run_status(
-        python_cmd(
-            QUICK + data + [f"trainer.out_dir={run_dir}", "trainer.max_steps=4", "data.tokenizer.vocab_size=2048"]
-        ),
-        ftlm_cache,
-    )
+    steps = [] if override.startswith("trainer.max_steps") else ["trainer.max_steps=4"]
+    proc = run_status(python_cmd(QUICK + data + [f"trainer.out_dir={run_dir}", *steps, override]), ftlm_cache)
     out = proc.stdout + proc.stderr
-    assert proc.returncode != 0
-    assert "this run's tokenizer is fixed" in out and "data.tokenizer.vocab_size: run 1024, now 2048" in out
-    assert "start a new run with its own trainer.run_name" in out
+    assert proc.returncode == 2, out[-3000:]
+    assert all(s in out for s in said), out[-3000:]
     assert files_under(run_dir) == before_run  # config.yaml, tokenizer.json, train.log, checkpoints: untouched
     assert files_under(work / "prepared") == before_data  # the shared data cache too
     assert not (run_dir / "run.lock").exists()
@@ -111,6 +124,15 @@ def test_resume_never_moves_checkpoints_aside(ftlm_cache, two_steps, tmp_path):
     (aside,) = (run_dir / "set_aside").iterdir()
     assert sha(aside / "checkpoints" / "step_00000002" / "trainer_state.json") == old  # kept, not deleted
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000001"]
+    # the curves go with their checkpoints: the new run's TensorBoard holds its own steps only
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def loss_steps(folder):
+        acc = EventAccumulator(str(folder / "tensorboard"), size_guidance={"scalars": 0})
+        acc.Reload()
+        return [e.step for e in acc.Scalars("train/loss")]
+
+    assert loss_steps(aside) == [1, 2] and loss_steps(run_dir) == [1]
 
 
 def test_a_second_training_on_a_held_run_directory_refuses(ftlm_cache, two_steps, tmp_path):
@@ -132,3 +154,24 @@ def test_a_second_training_on_a_held_run_directory_refuses(ftlm_cache, two_steps
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_tokenizer_settings_that_say_the_same_are_the_same(tmp_path):
+    """A run whose config said sample_shares: null (base.yaml before it wrote {}) resumes under {}; a real change
+    is still refused."""
+    from omegaconf import OmegaConf
+
+    from ftlm.checkpoint import TrainerState
+    from ftlm.config import ConfigError
+    from ftlm.train.main import check_same_tokenizer_settings
+
+    tok = {"path": None, "extend_from": None, "vocab_size": 1024, "sample_shares": None, "special_tokens": []}
+    TrainerState(step=2, tokens_seen=0, world_size=1, model_config={}, config={"data": {"tokenizer": tok}}).write(
+        tmp_path / "trainer_state.json"
+    )
+    now = dict(tok, sample_shares={})
+    check_same_tokenizer_settings(tmp_path, OmegaConf.create({"data": {"tokenizer": now}}))
+    with pytest.raises(ConfigError, match="data.tokenizer.sample_shares: run None, now {'ko': 1.0}"):
+        check_same_tokenizer_settings(
+            tmp_path, OmegaConf.create({"data": {"tokenizer": dict(tok, sample_shares={"ko": 1.0})}})
+        )
