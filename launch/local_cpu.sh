@@ -14,4 +14,4 @@ has_override trainer.device "$@" || TRAIN_ARGS+=(trainer.device=cpu)
 export DS_ACCELERATOR=cpu
 cores="$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cores / NUM_PROCS > 0 ? cores / NUM_PROCS : 1 ))}"
-exec "$DEEPSPEED" --num_gpus "$NUM_PROCS" --master_port "${MASTER_PORT:-29500}" --module ftlm.train.main "${TRAIN_ARGS[@]}"
+launch_forwarding_stop "$DEEPSPEED" --num_gpus "$NUM_PROCS" --master_port "${MASTER_PORT:-29500}" --module ftlm.train.main "${TRAIN_ARGS[@]}"

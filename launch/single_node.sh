@@ -10,4 +10,4 @@ JOB_NAME="${JOB_NAME:-ftlm-$(date +%Y%m%d-%H%M%S)}"
 train_args_for_job "$JOB_NAME" "$@"
 gpus=()
 [[ -n "${NUM_GPUS:-}" ]] && gpus=(--num_gpus "$NUM_GPUS")
-exec "$DEEPSPEED" "${gpus[@]}" --master_port "${MASTER_PORT:-29500}" --module ftlm.train.main "${TRAIN_ARGS[@]}"
+launch_forwarding_stop "$DEEPSPEED" "${gpus[@]}" --master_port "${MASTER_PORT:-29500}" --module ftlm.train.main "${TRAIN_ARGS[@]}"

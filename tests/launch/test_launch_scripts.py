@@ -104,6 +104,56 @@ def test_local_cpu_two_processes_on_cpu(tmp_path):
     assert "DS_ACCELERATOR=cpu" in out.stdout
 
 
+# A stand-in for the deepspeed launcher on one machine: the runner starts `launch`, which starts one process per
+# rank. Like deepspeed's, the runner dies of SIGTERM without passing it on; a rank records the signal and exits.
+FAKE_DEEPSPEED = """#!{python}
+import os, signal, subprocess, sys, time
+role = os.environ.get("FAKE_ROLE", "runner")
+out = os.environ["FAKE_OUT"]
+if role == "rank":
+    signal.signal(signal.SIGTERM, lambda *a: (open(f"{{out}}/stopped-{{os.getpid()}}", "w").close(), sys.exit(0)))
+    open(f"{{out}}/started-{{os.getpid()}}", "w").close()
+    while True:
+        time.sleep(0.1)
+children = 2 if role == "launch" else 1
+procs = [subprocess.Popen([sys.argv[0]], env=dict(os.environ, FAKE_ROLE="rank" if role == "launch" else "launch"))
+         for _ in range(children)]
+sys.exit(max(p.wait() for p in procs))
+"""
+
+
+@pytest.mark.parametrize("script", ["single_node.sh", "local_cpu.sh"])
+def test_sigterm_reaches_the_ranks_through_the_launcher(tmp_path, script):
+    """kill, timeout or a scheduler's SIGTERM to the script: every rank gets it (to save and exit) and the script
+    ends with them, instead of leaving the ranks training behind a launcher that died."""
+    import signal
+    import sys
+
+    out = tmp_path / "out"
+    out.mkdir()
+    deepspeed = stub(tmp_path, "deepspeed", FAKE_DEEPSPEED.format(python=sys.executable))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(DEEPSPEED=str(deepspeed), FAKE_OUT=str(out), JOB_NAME="j", FTLM_RUNS=str(tmp_path / "runs"))
+    proc = subprocess.Popen(["bash", str(LAUNCH / script)], env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while len(list(out.glob("started-*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(list(out.glob("started-*"))) == 2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        started = sorted(p.name.split("-")[1] for p in out.glob("started-*"))
+        assert sorted(p.name.split("-")[1] for p in out.glob("stopped-*")) == started
+        assert "SIGTERM to the 2 training process(es)" in proc.stderr.read()
+    finally:  # a rank left behind (the failure this test is about) must not outlive it
+        for left in out.glob("started-*"):
+            if not (out / left.name.replace("started", "stopped")).exists():
+                try:
+                    os.kill(int(left.name.split("-")[1]), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
 def test_slurm_inside_a_fake_allocation(tmp_path):
     stub(tmp_path, "scontrol", "#!/usr/bin/env bash\nprintf 'gpu-a17\\ngpu-a18\\n'\n")
     # srun stub: drop srun's options and run the task command as task 0 of 16.
