@@ -47,13 +47,19 @@ class Batch:
         return int((self.targets != IGNORE_INDEX).sum())
 
     @staticmethod
-    def from_rows(rows: torch.Tensor, starts: list[list[int]] | None = None, used: list[int] | None = None) -> Batch:
+    def from_rows(
+        rows: torch.Tensor,
+        starts: list[list[int]] | None = None,
+        used: list[int] | None = None,
+        unrelated_next: list[list[int]] | None = None,
+    ) -> Batch:
         """A batch from (B, S+1) token rows: inputs = rows[:, :-1], targets = rows[:, 1:].
 
         starts[b]: offsets in row b where a document starts (None: one document per row). used[b]: tokens of row b
         that are not padding (None: all); targets that are padding become IGNORE_INDEX, and the padding is a
         segment of its own. Segments also start at every row start, so a document cut by a row restarts there at
-        position 0 (a row never sees an earlier row).
+        position 0 (a row never sees an earlier row). unrelated_next[b]: offsets whose next token in the row is
+        another document's (a cut piece's end, best_fit): their targets become IGNORE_INDEX too.
         """
         if rows.dim() != 2 or rows.shape[1] < 2:
             raise ValueError(f"rows must be (B, S+1) with S >= 1, got shape {tuple(rows.shape)}")
@@ -69,6 +75,8 @@ class Batch:
             if used is not None and used[b] < S + 1:
                 targets[b, max(used[b] - 1, 0) :] = IGNORE_INDEX  # the target of position j is rows[b, j + 1]
                 segment.add(used[b])
+            for j in unrelated_next[b] if unrelated_next is not None else ():
+                targets[b, j] = IGNORE_INDEX
             segment = sorted(s for s in segment if 0 <= s < S)
             start_of = torch.zeros(S, dtype=torch.long)  # (S,) the start of the segment each position lies in
             for s in segment[1:]:

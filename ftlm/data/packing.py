@@ -33,6 +33,9 @@ class Row:
     cut_docs: int  # ... of which are cut (best_fit: longer than a row; concat: running past the row's end)
     parts: list[int] = field(default_factory=list)  # best_fit: the document (index in the buffer) of each piece
     part_tokens: list[int] = field(default_factory=list)  # ... and its length
+    # best_fit: offsets whose next token in the row is not the next token of their document (the last token of a
+    # cut document's first piece, when another piece follows it): their targets are masked
+    unrelated_next: list[int] = field(default_factory=list)
 
 
 def best_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -70,7 +73,7 @@ def best_fit_rows(docs: Sequence[np.ndarray], capacity: int, pad_id: int) -> lis
     rows = []
     for items in best_fit([end - start for _, start, end in pieces], capacity):
         tokens = np.full(capacity, pad_id, np.int64)
-        starts, used, n_docs, n_cut, parts, part_tokens = [], 0, 0, 0, [], []
+        starts, used, n_docs, n_cut, parts, part_tokens, cut_ends = [], 0, 0, 0, [], [], []
         for i in items:
             d, start, end = pieces[i]
             tokens[used : used + end - start] = docs[d][start:end]
@@ -81,13 +84,20 @@ def best_fit_rows(docs: Sequence[np.ndarray], capacity: int, pad_id: int) -> lis
             used += end - start
             parts.append(d)
             part_tokens.append(end - start)
-        rows.append(Row(tokens, starts, used, n_docs, n_cut, parts, part_tokens))
+            if end < len(docs[d]):  # the document goes on in another row: what follows here is another's
+                cut_ends.append(used - 1)
+        unrelated = [j for j in cut_ends if j < used - 1]  # last in the row: padding (masked) or nothing follows
+        rows.append(Row(tokens, starts, used, n_docs, n_cut, parts, part_tokens, unrelated))
+    # In the order of the documents given (the first each row holds), not best-fit's longest-first: a loader reads a
+    # buffer's rows in this order, and longest-first would give hundreds of steps of long documents, then of short
+    # ones; a validation pass that reads a buffer's first rows would score only the middles of long documents.
+    rows.sort(key=lambda row: min(row.parts))
     return rows
 
 
-def concat_rows(docs: Iterable[np.ndarray], capacity: int) -> Iterator[Row]:
+def concat_rows(docs: Iterable[np.ndarray], capacity: int, pad_id: int | None = None) -> Iterator[Row]:
     """Documents back to back, cut wherever a row ends (for the finite val loaders; the train loader has its own
-    resumable version of this loop)."""
+    resumable version of this loop). With `pad_id`, the last row, if partly filled, comes too, padded."""
     tokens, starts, used, n_docs, n_cut = np.empty(capacity, np.int64), [], 0, 0, 0
     for doc in docs:
         offset = 0
@@ -102,6 +112,9 @@ def concat_rows(docs: Iterable[np.ndarray], capacity: int) -> Iterator[Row]:
             if used == capacity:
                 yield Row(tokens, starts, used, n_docs, n_cut)
                 tokens, starts, used, n_docs, n_cut = np.empty(capacity, np.int64), [], 0, 0, 0
+    if used and pad_id is not None:
+        tokens[used:] = pad_id
+        yield Row(tokens, starts, used, n_docs, n_cut)
 
 
 class PackingStats:

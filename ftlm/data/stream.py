@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -302,7 +303,7 @@ def _check_packing(cfg: dict) -> tuple[str, int]:
 
 def _rows_to_batch(rows: list[Row]) -> Batch:
     tokens = torch.from_numpy(np.stack([r.tokens for r in rows]))  # (B, S+1)
-    return Batch.from_rows(tokens, [r.starts for r in rows], [r.used for r in rows])
+    return Batch.from_rows(tokens, [r.starts for r in rows], [r.used for r in rows], [r.unrelated_next for r in rows])
 
 
 # -- training ------------------------------------------------------------------------------------------------------
@@ -581,8 +582,9 @@ class PackedValLoader:
     """A fixed, finite, re-iterable list of `Batch`es from one stream's held-out split, for one rank.
 
     Every rank yields the same number of batches (computed from the split's size), so collective evaluation never
-    waits on a rank that ran out; a rank whose share of the split is too short starts over from its beginning.
-    Packed as training is (`data.packing`), with the same document boundaries, so val loss compares with train loss.
+    waits on a rank that ran out; a rank whose share of the split ends first fills its batches with padding, which
+    counts for nothing (a document is never scored twice). Packed as training is (`data.packing`), with the same
+    document boundaries, rows in document order, so val loss compares with train loss.
     """
 
     def __init__(
@@ -604,26 +606,22 @@ class PackedValLoader:
         self.eot_id, self.pad_id = eot_id, pad_id
         self.packing, self.packing_buffer = packing, packing_buffer
         self.source = None  # the _Source (and its reader lock) this loader reads; set by build_val_loaders
-        n_docs = dataset.num_samples
-        ids = np.arange(rank, n_docs, world_size)
-        self.ids = ids if len(ids) else np.roll(np.arange(n_docs), -(rank % n_docs))
-        self.packing_buffer = min(self.packing_buffer, len(self.ids))  # a buffer never holds a document twice
+        self.ids = np.arange(rank, dataset.num_samples, world_size)  # this rank's share (it may be empty)
+        self.packing_buffer = max(1, self.packing_buffer)
 
     def __len__(self) -> int:
         return self.n_batches
 
     def _rows(self) -> Iterator[Row]:
-        def docs() -> Iterator[np.ndarray]:
-            while True:
-                for sample in self.ids:
-                    yield np.concatenate([self.dataset[int(sample)][COLUMN].astype(np.int64), [self.eot_id]])
-
+        pad = self.pad_id if self.pad_id is not None else self.eot_id
+        docs = (np.concatenate([self.dataset[int(i)][COLUMN].astype(np.int64), [self.eot_id]]) for i in self.ids)
         if self.packing == "concat":
-            yield from concat_rows(docs(), self.row)
-            return
-        source = docs()
-        while True:
-            yield from best_fit_rows([next(source) for _ in range(self.packing_buffer)], self.row, self.pad_id)
+            yield from concat_rows(docs, self.row, pad)
+        else:
+            while buffer := list(itertools.islice(docs, self.packing_buffer)):
+                yield from best_fit_rows(buffer, self.row, pad)
+        while True:  # the share is read: what is left of the pass is padding
+            yield Row(np.full(self.row, pad, np.int64), [0], 0, 0, 0)
 
     def __iter__(self) -> Iterator[Batch]:
         rows = self._rows()
@@ -645,7 +643,7 @@ def build_val_loaders(
             logger.warning("stream %s has no held-out documents (data.val_fraction): no val/%s loss", stream, stream)
             continue
         per_batch = world_size * micro_batch_size * (seq_len + 1)
-        n_batches = max(1, min(int(max_batches), (meta["tokens"] + meta["docs"]) // per_batch))
+        n_batches = max(1, min(int(max_batches), -(-(meta["tokens"] + meta["docs"]) // per_batch)))  # the tail too
         dataset = open_dataset(
             [split_dir(source.shards, stream, "val")], cfg["cache_dir"], cache_limit=cfg["cache_limit"]
         )

@@ -25,13 +25,25 @@ def segments(batch) -> list[list[int]]:
     """The real tokens of every row, split where positions restart (document or piece starts)."""
     out = []
     for b in range(batch.inputs.shape[0]):
-        valid = int((batch.targets[b] != IGNORE_INDEX).sum())
-        used = valid + 1  # the row's non-padding tokens: the last valid target is the last real token
+        valid = (batch.targets[b] != IGNORE_INDEX).nonzero()
+        used = int(valid[-1]) + 2  # the row's non-padding tokens: the last valid target is the last real token
         row = torch.cat([batch.inputs[b], batch.targets[b, -1:]]).tolist()[:used]
         pos = batch.positions[b].tolist() + [0]
         starts = [j for j in range(used) if j < SEQ and pos[j] == 0] + [used]
         out += [row[s:e] for s, e in zip(starts, starts[1:])]
     return out
+
+
+def masked_only_where_the_next_token_is_not_the_documents(batch, pad: int) -> bool:
+    """A target is masked only for padding, or where the next token of the row starts another segment or is padding
+    (the last real token of a row, a cut piece's end beside another document)."""
+    S = batch.inputs.shape[1]
+    for b, j in (batch.targets == IGNORE_INDEX).nonzero().tolist():
+        if batch.inputs[b, j] == pad:
+            continue
+        if j + 1 < S and batch.positions[b, j + 1] != 0 and batch.inputs[b, j + 1] != pad:
+            return False
+    return True
 
 
 def test_an_epoch_of_best_fit_keeps_every_token_once(embedded_prepared):
@@ -52,7 +64,7 @@ def test_an_epoch_of_best_fit_keeps_every_token_once(embedded_prepared):
         batches += 1
         seen += segments(batch)
         reported_pad += row_stats["pad_fraction"] * C
-        assert (batch.inputs[batch.targets == IGNORE_INDEX][1:] == pad).all()
+        assert masked_only_where_the_next_token_is_not_the_documents(batch, pad)
 
     assert Counter(t for s in seen for t in s) == Counter(t for d in expected for t in d)  # no token lost or doubled
     short_docs = Counter(tuple(d) for d in expected if len(d) < C)
@@ -101,9 +113,38 @@ def test_val_loaders_yield_batches_with_the_same_masking(embedded_prepared):
         for batches in (list(loader) for loader in loaders.values()):
             assert batches and all(b.inputs.shape == (2, 64) and b.cu_seqlens.dtype == torch.int32 for b in batches)
             for b in batches:
-                for row in range(2):
-                    masked = b.inputs[row][b.targets[row] == IGNORE_INDEX].tolist()
-                    if packing == "concat":
-                        assert masked == []
-                    else:  # the row's last real token (its target would be padding), then padding
-                        assert set(masked[1:]) <= {tokenizer.pad_id}
+                assert masked_only_where_the_next_token_is_not_the_documents(b, tokenizer.pad_id)
+
+
+def test_a_validation_pass_reads_every_held_out_document_once(embedded_prepared):
+    """Given batches enough, the ranks' passes together hold each val document exactly once, the short split (ko:
+    fewer tokens than one batch) padded rather than repeated; best_fit's rows come in document order, so a pass of
+    few batches scores documents from their start, as training does, not only the middles of long ones."""
+    from ftlm.data.stream import open_dataset, split_dir
+
+    cfg, prepared = embedded_prepared
+    tokenizer = Tokenizer.load(prepared.tokenizer_path)
+    for packing in ("concat", "best_fit"):
+        data = OmegaConf.create(dict(cfg, packing=packing))
+        for stream in ("ko", "en"):
+            split = open_dataset([split_dir(prepared.out_dir, stream, "val")], cfg["cache_dir"])
+            docs = [split[i][COLUMN].astype(np.int64).tolist() + [tokenizer.eot_id] for i in range(split.num_samples)]
+            read = Counter()
+            for rank in range(2):
+                loader = build_val_loaders(data, SEQ, 2, rank, 2, max_batches=10**6, prepared=prepared)[stream]
+                for batch in loader:
+                    read.update(t for seg in segments_of_real_tokens(batch, tokenizer.pad_id) for t in seg)
+            assert read == Counter(t for d in docs for t in d), (packing, stream)
+        first = next(iter(build_val_loaders(data, SEQ, 2, 0, 1, max_batches=1, prepared=prepared)["en"]))
+        starts = int((first.positions == 0).sum()) - first.inputs.shape[0]  # segment starts inside rows
+        assert starts > 0, packing  # documents (or their first pieces) begin within the first batch
+
+
+def segments_of_real_tokens(batch, pad: int) -> list[list[int]]:
+    """Every row's tokens up to its padding (a row of padding alone gives none)."""
+    out = []
+    for b in range(batch.inputs.shape[0]):
+        row = torch.cat([batch.inputs[b], batch.targets[b, -1:]]).tolist()
+        valid = (batch.targets[b] != IGNORE_INDEX).nonzero()
+        out.append(row[: int(valid[-1]) + 2] if len(valid) else [])
+    return out
