@@ -96,6 +96,8 @@ def write_ftlm(
         "tokenizer_sha256": tokenizer_fingerprint(tokenizer_path),
     }
     (out / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    if not with_weights and (out / WEIGHTS).is_file():  # an earlier export's own copy, of other weights maybe
+        (out / WEIGHTS).unlink()
     if tokenizer_path.resolve() != (out / TOKENIZER).resolve():
         shutil.copyfile(tokenizer_path, out / TOKENIZER)
 

@@ -283,6 +283,8 @@ def read_state_dict(source: Source) -> dict[str, torch.Tensor]:
     """The weights under ftlm's parameter names: fp32 from a checkpoint, the stored dtype from an export."""
     if source.kind == "checkpoint":
         state = consolidate(source.path)
+    elif _weights_named(source) == "hugging_face":  # whatever file an earlier export left beside it
+        state = _from_hugging_face_weights(source)
     elif (source.path / WEIGHTS).is_file():
         from safetensors.torch import load_file
 
@@ -291,6 +293,14 @@ def read_state_dict(source: Source) -> dict[str, torch.Tensor]:
         state = _from_hugging_face_weights(source)
     check_state_dict(state, source.config, source.path)
     return state
+
+
+def _weights_named(source: Source) -> str | None:
+    """ftlm_config.json's "weights": "ftlm" (its own model.safetensors) or "hugging_face" (the export's, above)."""
+    try:
+        return json.loads((source.path / CONFIG).read_text()).get("weights")
+    except (OSError, ValueError, AttributeError):
+        return None  # unreadable: locate() has named it already, or the own file is read as before
 
 
 def _from_hugging_face_weights(source: Source) -> dict[str, torch.Tensor]:

@@ -529,15 +529,16 @@ def main(cfg):
 
 
 def in_own_dir(cfg) -> None:
-    """In a sweep (-m), each job trains in its own run directory, <sweep dir>/<job number>, unless the job
-    names one (trainer.out_dir or trainer.run_name among its overrides): otherwise all jobs would share one."""
+    """In a sweep (-m), each job trains in its own run directory, <sweep dir>/<job number>, unless the job names
+    one (trainer.out_dir among its overrides): otherwise all jobs would share one, each resuming the one before.
+    trainer.run_name names the sweep's folder (<runs_dir>/sweeps/<run_name>-<time>), not a job's."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     from omegaconf import open_dict
 
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return
-    named = ("trainer.out_dir=", "trainer.run_name=", "+trainer.out_dir=", "++trainer.out_dir=")
+    named = ("trainer.out_dir=", "+trainer.out_dir=", "++trainer.out_dir=")
     if any(o.startswith(named) for o in HydraConfig.get().overrides.task):
         return
     with open_dict(cfg):

@@ -162,6 +162,22 @@ def test_the_earlier_layout_stays_readable(tiny_run_dir, tmp_path):
         export(tiny_run_dir, old, dtype="fp32")
 
 
+def test_exporting_over_an_export_leaves_no_stale_weights(tiny_run_dir, tmp_path):
+    """A GPT-NeoX export without biases keeps ftlm's own copy (ftlm/model.safetensors); a Llama exported over it
+    needs none: the old copy goes, and ftlm's tools read the weights ftlm_config.json names, the new model's."""
+    out = tmp_path / "out"
+    tokenizer = tiny_run_dir / "tokenizer.json"
+    neox, llama = random_gpt(4, norm="layernorm", mlp="gelu"), random_gpt(5, norm="rmsnorm", mlp="swiglu")
+    for name, model in (("neox", neox), ("llama", llama)):
+        write_ftlm(tmp_path / name, model.cfg, model.state_dict(), tokenizer, torch.float32)
+    export(tmp_path / "neox", out, dtype="fp32")
+    assert (out / "ftlm" / "model.safetensors").is_file()  # not invertible from the NeoX weights
+    export(tmp_path / "llama", out, dtype="fp32")
+    assert not (out / "ftlm" / "model.safetensors").exists()
+    loaded = load(out)
+    assert all(torch.equal(v, llama.state_dict()[k]) for k, v in loaded.model.state_dict().items())
+
+
 def test_bf16_export_reloads(tiny_run_dir, tmp_path):
     out = tmp_path / "bf16"
     export(tiny_run_dir, out, dtype="bf16", hf=False)

@@ -104,7 +104,7 @@ def test_a_sweep_keeps_each_job_in_its_own_run_directory(ftlm_cache, tmp_path):
     e = {**env(ftlm_cache), "FTLM_RUNS": str(runs)}
     overrides = FAST + ["trainer.eval_interval=0", "trainer.log_interval=1", "trainer.save_interval=100"]
     proc = subprocess.run(
-        [sys.executable, "-m", "ftlm.train.main", "-m", *overrides, "trainer.max_steps=1,2"],
+        [sys.executable, "-m", "ftlm.train.main", "-m", *overrides, "trainer.run_name=sw", "trainer.max_steps=1,2"],
         cwd=cwd,
         env=e,
         capture_output=True,
@@ -114,7 +114,7 @@ def test_a_sweep_keeps_each_job_in_its_own_run_directory(ftlm_cache, tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert list(cwd.iterdir()) == []  # no multirun/ folder here
     (sweep,) = (runs / "sweeps").iterdir()
-    assert sweep.name.startswith("demo-")
+    assert sweep.name.startswith("sw-")  # named by trainer.run_name; its jobs in folders of their own
     for job, steps in ((0, 1), (1, 2)):
         log = (sweep / str(job) / "train.log").read_text()
         assert f"step {steps}/{steps}" in log and f"step_{steps:08d}" in log
