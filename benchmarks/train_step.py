@@ -326,7 +326,8 @@ def main(argv=None) -> int:
         print("flash_attn is not installed: its rows are skipped (pip install 'ftlm[flash]' on a CUDA machine)")
         impls.remove("flash_attn")
     if not on_gpu and "triton" in impls and os.environ.get("TRITON_INTERPRET") != "1":
-        impls.remove("triton")  # Triton kernels run on CPU only under TRITON_INTERPRET=1
+        print("triton: its rows are skipped: Triton kernels run on the CPU only under TRITON_INTERPRET=1")
+        impls.remove("triton")
     rows = [(m, i) for m in args.models.split(",") if m for i in impls]
     for m in args.models.split(","):
         if m and not args.no_llama_shape:

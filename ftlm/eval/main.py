@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8, help="windows or requests per forward pass (default 8)")
     parser.add_argument("--text-key", default="text", help="the field holding the text in .jsonl lines (default text)")
     parser.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:N")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16")
     parser.add_argument("--config", help="a model config the checkpoint must match (mismatched keys are named)")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     bench = parser.add_argument_group("benchmarks (lm-evaluation-harness; pip install 'ftlm[eval]')")

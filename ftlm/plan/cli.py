@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -165,13 +166,26 @@ def parse_args(argv):
         help="activations of attn_impl=eager (keeps the s x s scores) instead of a fused kernel",
     )
     p.add_argument("overrides", nargs="*", help="model.<key>=<value> (and model=<preset>, like --model)")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # model.<key>=<value> before, between or after the flags
 
 
-def plan(args) -> str:
+def _check_numbers(args) -> None:
+    """Every number given: finite, and positive where a count or a size (nan and inf passed the range checks)."""
     for name, value in (("--num-gpus", args.num_gpus), ("--gpus-per-node", args.gpus_per_node)):
         if value <= 0:
             raise PlanError(f"{name} must be positive, got {value}")
+    positive = {"--tokens": args.tokens, "--peak-tflops": args.peak_tflops, "--gpu-memory-gib": args.gpu_memory_gib}
+    for name, value in positive.items():
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise PlanError(f"{name} must be a positive number, got {value}")
+    if args.tokens is not None and args.tokens < 1:
+        raise PlanError(f"--tokens must be at least 1, got {args.tokens}")
+    if args.reserve_gib is not None and not (math.isfinite(args.reserve_gib) and args.reserve_gib >= 0):
+        raise PlanError(f"--reserve-gib must be a number >= 0, got {args.reserve_gib}")
+
+
+def plan(args) -> str:
+    _check_numbers(args)
     if not 0 < args.mfu <= 1:
         raise PlanError(f"--mfu must be in (0, 1], got {args.mfu}")
     if args.seq_len is not None and args.seq_len <= 0:
@@ -199,7 +213,7 @@ def plan(args) -> str:
                 f"{gpu.key} has no {args.precision} tensor cores in ftlm's table "
                 f"(it has {', '.join(gpu.peaks)}); use --precision or pass --peak-tflops"
             )
-        gpu_name, memory_gib = gpu.key, args.gpu_memory_gib or gpu.memory_gib
+        gpu_name, memory_gib = gpu.key, args.gpu_memory_gib if args.gpu_memory_gib is not None else gpu.memory_gib
 
     presets = [o.split("=", 1)[1] for o in args.overrides if o.startswith("model=")]  # Hydra's spelling of --model
     overrides = [o for o in args.overrides if not o.startswith("model=")]

@@ -310,3 +310,26 @@ def test_cli_unknown_gpu_is_one_line_error(capsys):
     # The way out it names works.
     assert main(["--gpu", "tpu-v9", "--peak-tflops", "400", "--gpu-memory-gib", "32"]) == 0
     assert "400 TFLOP/s" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv,said",
+    [
+        (["--tokens", "inf"], "--tokens must be a positive number, got inf"),
+        (["--tokens", "nan"], "--tokens must be a positive number, got nan"),
+        (["--tokens", "0.5"], "--tokens must be at least 1"),
+        (["--peak-tflops", "nan"], "--peak-tflops must be a positive number"),
+        (["--gpu-memory-gib", "0"], "--gpu-memory-gib must be a positive number, got 0.0"),
+        (["--reserve-gib", "-100"], "--reserve-gib must be a number >= 0"),
+        (["--mfu", "nan"], "--mfu must be in (0, 1]"),
+    ],
+)
+def test_cli_numbers_that_cannot_be_planned_are_one_line_errors(argv, said, capsys):
+    assert main(["--model", "tiny", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and said in err
+
+
+def test_cli_overrides_go_before_between_or_after_the_flags(capsys):
+    assert main(["model.n_layer=16", "--gpu", "a100", "model.d_model=1024", "model.n_head=16"]) == 0
+    assert "16 layers, d_model 1024, 16 heads" in capsys.readouterr().out
