@@ -77,6 +77,7 @@ class RunLock:
         self.path = self.run_dir / LOCK_FILE
         self.token = uuid.uuid4().hex
         self.held = False
+        self.made_dir = False  # acquire() created the run directory (release() removes it again if left empty)
 
     # -- the lock file ---------------------------------------------------------------------------------------
     def _info(self) -> dict:
@@ -115,9 +116,15 @@ class RunLock:
     # -- acquire / release -----------------------------------------------------------------------------------
     def acquire(self) -> RunLock:
         """Take the lock or raise RunLockError naming its holder (one process per training: rank 0)."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         for _ in range(50):
-            if self._create():
+            if not self.run_dir.is_dir():  # (again, if a refused run's release removed it as it stood empty)
+                self.made_dir = not self.run_dir.exists()
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                created = self._create()
+            except FileNotFoundError:
+                continue
+            if created:
                 self.held = True
                 return self
             holder = self.read_holder()
@@ -188,6 +195,11 @@ class RunLock:
         holder = self.read_holder()
         if holder and holder.get("token") == self.token:  # never remove a lock someone else took over
             self.path.unlink(missing_ok=True)
+        if self.made_dir:  # a run refused before writing anything leaves no empty run directory behind
+            try:
+                self.run_dir.rmdir()  # only if empty: whatever anyone wrote there since stays
+            except OSError:
+                pass
 
     def __enter__(self) -> RunLock:
         return self.acquire()

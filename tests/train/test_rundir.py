@@ -36,6 +36,24 @@ def test_second_holder_refused_with_the_holder_named(tmp_path):
         pass
 
 
+def test_a_run_directory_the_lock_made_goes_again_only_if_left_empty(tmp_path):
+    """A run refused before it wrote anything leaves no empty run directory; one that wrote, or one that was there
+    before, stays."""
+    refused = tmp_path / "refused"
+    with RunLock(refused):
+        assert refused.is_dir()
+    assert not refused.exists()
+    trained = tmp_path / "trained"
+    with RunLock(trained):
+        (trained / "config.yaml").write_text("x")
+    assert (trained / "config.yaml").is_file()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with RunLock(existing):
+        pass
+    assert existing.is_dir()
+
+
 def test_stale_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path, caplog):
     run = tmp_path / "run"
     run.mkdir()
