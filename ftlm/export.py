@@ -115,7 +115,7 @@ def write_hf(hf_dir: Path, cfg: GPTConfig, state: dict, tokenizer, tokenizer_pat
         )
     weights = to_hf_state_dict(cfg, state)
     hf_dir.mkdir(parents=True, exist_ok=True)
-    bos = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eot_id
+    bos = tokenizer.prefix_id
     config = hf_config(cfg, bos, tokenizer.eot_id, tokenizer.pad_id, dtype)
     config.save_pretrained(hf_dir)
     GenerationConfig(bos_token_id=bos, eos_token_id=tokenizer.eot_id, pad_token_id=tokenizer.pad_id).save_pretrained(

@@ -180,8 +180,9 @@ def _check_forced_tokenizer(path: str, specials: list[str]) -> None:
     if not os.path.isfile(path):
         raise DataConfigError(f"the tokenizer to prepare with, {path}, does not exist")
     try:
-        own = HFTokenizer.from_file(path).get_vocab(with_added_tokens=True)  # before Tokenizer adds what it lacks
-        tokenizer = Tokenizer.load(path)
+        backend = HFTokenizer.from_file(path)
+        own = backend.get_vocab(with_added_tokens=True)  # before Tokenizer adds what it lacks
+        tokenizer = Tokenizer(backend)
     except Exception as err:
         raise DataConfigError(f"the tokenizer to prepare with, {path}, cannot be loaded: {err}") from None
     if not any(t in own for t in EOT_NAMES):

@@ -607,7 +607,6 @@ class PackedValLoader:
         self.packing, self.packing_buffer = packing, packing_buffer
         self.source = None  # the _Source (and its reader lock) this loader reads; set by build_val_loaders
         self.ids = np.arange(rank, dataset.num_samples, world_size)  # this rank's share (it may be empty)
-        self.packing_buffer = max(1, self.packing_buffer)
 
     def __len__(self) -> int:
         return self.n_batches

@@ -123,6 +123,12 @@ class Tokenizer:
         """What every document begins with before its text: [BOS] for a tokenizer that adds one, else nothing."""
         return [self.bos_id] if self.adds_bos else []
 
+    @property
+    def prefix_id(self) -> int:
+        """The token text follows when nothing comes before it: BOS where the vocabulary has one, else end-of-text
+        (the exported tokenizer's bos_token; what lm-eval starts an empty context from)."""
+        return self.bos_id if self.bos_id is not None else self.eot_id
+
     def encode_document(self, text: str) -> list[int]:
         """A document's ids as training sees them: document_start, then the text's ids."""
         return self.document_start + self.encode(text)

@@ -104,8 +104,7 @@ class StreamDecoder:
 
     def __init__(self, tokenizer, context: list[int] = ()):
         self.tokenizer = tokenizer
-        self.ids: list[int] = list(context)[-CONTEXT_IDS:]
-        self.start = 0  # ids[start:printed] is the context the new ids are decoded after
+        self.ids: list[int] = list(context)[-CONTEXT_IDS:]  # the last piece printed (or the prompt), then new ids
         self.printed = len(self.ids)  # ids before this are printed (or were the prompt)
 
     def _decode(self, ids: list[int]) -> str:
@@ -122,13 +121,13 @@ class StreamDecoder:
     def _take(self, hold: bool) -> str:
         if self.printed == len(self.ids):
             return ""
-        before = self._decode(self.ids[self.start : self.printed])
-        text = self._decode(self.ids[self.start :])
+        before = self._decode(self.ids[: self.printed])
+        text = self._decode(self.ids)
         if hold and (text.endswith("\ufffd") or len(text) <= len(before)):
             return ""
         piece = text[len(before) :] if text.startswith(before) else self._decode(self.ids[self.printed :])
         del self.ids[: self.printed]  # what is printed now is the next piece's context
-        self.start, self.printed = 0, len(self.ids)
+        self.printed = len(self.ids)
         return piece
 
 
@@ -187,16 +186,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     limit = model.cfg.max_seq_len - 1  # room for at least one new token
     if len(prompt_ids) > limit:
-        start = tokenizer.document_start  # a Llama-style BOS stays first: the model never saw text without it
-        kept = limit - len(start)
+        bos = tokenizer.document_start  # a Llama-style BOS stays first: the model never saw text without it
+        kept = limit - len(bos)
         log.warning(
             "the prompt has %d tokens; the model sees its last %d%s (model.max_seq_len=%d); all of it is printed",
             len(prompt_ids),
             kept,
-            ", after the BOS token" if start else "",
+            ", after the BOS token" if bos else "",
             model.cfg.max_seq_len,
         )
-        prompt_ids = start + prompt_ids[-kept:]
+        prompt_ids = bos + prompt_ids[-kept:]
     if args.max_new_tokens > model.cfg.max_seq_len - len(prompt_ids):
         log.warning(
             "generating at most %d tokens: the model's context is %d tokens",

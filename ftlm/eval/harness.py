@@ -190,9 +190,8 @@ class FtlmLM(TemplateLM):
 
     @property
     def prefix_token_id(self) -> int:
-        """What an empty context (and each rolling window) starts from: BOS where the tokenizer has one (Llama's
-        <s>), else end-of-text; as lm-eval's hf model does on the export, whose bos_token is the same."""
-        return self.tokenizer.bos_id if self.tokenizer.bos_id is not None else self.tokenizer.eot_id
+        """What an empty context (and each rolling window) starts from, as lm-eval's hf model on the export."""
+        return self.tokenizer.prefix_id
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len=None, **kwargs):
         """A Llama-style tokenizer's BOS first (every training document began with it), unless the text starts with
