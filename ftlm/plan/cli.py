@@ -17,6 +17,7 @@ from ftlm.plan.hardware import GPUS_BY_KEY, UnknownGPU, gpu_by_key
 from ftlm.plan.memory import (
     GIB,
     OFFLOAD_CHOICES,
+    PRECISIONS,
     activation_bytes,
     largest_layer_params,
     max_micro_batch,
@@ -151,7 +152,12 @@ def parse_args(argv):
     p.add_argument("--mfu", type=float, default=0.45, help="model FLOPs utilization to assume (default 0.45)")
     p.add_argument("--seq-len", type=int, help="training sequence length (default: model.max_seq_len)")
     p.add_argument("--vocab", type=int, help="vocabulary size (default: the preset's, else 32000)")
-    p.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"), help="default bf16")
+    p.add_argument(
+        "--precision",
+        default="bf16",
+        choices=PRECISIONS,
+        help="training precision: the peak FLOP/s and the bytes of weights, gradients and activations (default bf16)",
+    )
     p.add_argument("--peak-tflops", type=float, help="dense peak TFLOP/s per GPU, for a GPU not in the table")
     p.add_argument("--gpu-memory-gib", type=float, help="memory per GPU in GiB (default: the table's)")
     p.add_argument(
@@ -240,6 +246,10 @@ def plan(args) -> str:
     reserve = (args.reserve_gib if args.reserve_gib is not None else max(2.0, 0.1 * memory_gib)) * GIB
     flash = not args.eager_attention
     largest = largest_layer_params(cfg)
+    if args.precision == "fp32":
+        states_text, live_bytes = "fp32 weights+grads+Adam moments", 8
+    else:
+        states_text, live_bytes = f"{args.precision} weights+grads, fp32 Adam", 4
 
     out = [
         f"model {cfg.name}: {cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads "
@@ -257,16 +267,19 @@ def plan(args) -> str:
         f"({seconds / 3600 * args.num_gpus:,.0f} GPU-hours)",
         "",
         f"ZeRO-3 memory per GPU ({memory_gib:g} GiB, {reserve / GIB:.1f} GiB kept free; "
-        f"{'eager' if not flash else 'fused'} attention; bf16 weights+grads, fp32 Adam: 16 bytes/param / "
-        f"{args.num_gpus} GPUs + 4 bytes x largest layer {human(largest)})",
+        f"{'eager' if not flash else 'fused'} attention; {states_text}: 16 bytes/param / "
+        f"{args.num_gpus} GPUs + {live_bytes} bytes x largest layer {human(largest)})",
         f"  activations per sequence of {seq_len}: "
-        f"{activation_bytes(cfg, seq_len, 1, False, flash) / GIB:.2f} GiB without checkpointing, "
-        f"{activation_bytes(cfg, seq_len, 1, True, flash) / GIB:.2f} GiB with activation checkpointing",
+        f"{activation_bytes(cfg, seq_len, 1, False, flash, args.precision) / GIB:.2f} GiB without checkpointing, "
+        f"{activation_bytes(cfg, seq_len, 1, True, flash, args.precision) / GIB:.2f} GiB with activation checkpointing",
         f"  {'offload':<18} {'GPU states':>11} {'CPU per node':>13} {'micro-batch':>12} {'with ckpt':>10}",
     ]
     for offload in OFFLOAD_CHOICES:
-        states = zero3_model_states(params, largest, args.num_gpus, args.gpus_per_node, offload)
-        fits = [max_micro_batch(memory, states.gpu_bytes, cfg, seq_len, ckpt, flash, reserve) for ckpt in (False, True)]
+        states = zero3_model_states(params, largest, args.num_gpus, args.gpus_per_node, offload, args.precision)
+        fits = [
+            max_micro_batch(memory, states.gpu_bytes, cfg, seq_len, ckpt, flash, reserve, args.precision)
+            for ckpt in (False, True)
+        ]
         out.append(
             f"  {offload:<18} {states.gpu_bytes / GIB:>7.2f} GiB {states.cpu_bytes_per_node / GIB:>9.1f} GiB "
             f"{fits[0]:>12} {fits[1]:>10}"
@@ -274,12 +287,15 @@ def plan(args) -> str:
     if (
         max_micro_batch(
             memory,
-            zero3_model_states(params, largest, args.num_gpus, args.gpus_per_node, "optimizer+params").gpu_bytes,
+            zero3_model_states(
+                params, largest, args.num_gpus, args.gpus_per_node, "optimizer+params", args.precision
+            ).gpu_bytes,
             cfg,
             seq_len,
             True,
             flash,
             reserve,
+            args.precision,
         )
         == 0
     ):
