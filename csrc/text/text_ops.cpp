@@ -329,7 +329,7 @@ struct Tables {
   const u8* space;   // (0x10000,) str.isspace
   const u8* letter;  // (letter_size,) clean.LETTER
   Py_ssize_t letter_size;
-  const u8* script;  // (0x10000,) the stream's script regex, or null
+  const u8* script;  // (0x10000,) 1: the stream's script, 2: letters its share leaves out (clean.NEUTRAL); or null
 };
 
 class Judge {
@@ -348,18 +348,22 @@ class Judge {
     if (on(r_.max_mean_word_chars) && W > 0 &&
         static_cast<double>(total_chars_) / static_cast<double>(W) > r_.max_mean_word_chars)
       return kLongWords;
-    int64_t letters = 0, in_script = 0, invisible = 0;
+    int64_t letters = 0, in_script = 0, neutral = 0, invisible = 0;
     for (Py_ssize_t i = 0; i < length; ++i) {
       const u32 c = text[i];
       letters += c < static_cast<u32>(t_.letter_size) ? t_.letter[c] : 0;
-      if (t_.script != nullptr && c < 0x10000) in_script += t_.script[c];
+      if (t_.script != nullptr && c < 0x10000) {
+        in_script += t_.script[c] == 1;
+        neutral += t_.script[c] == 2;
+      }
       invisible += (c == ' ') | (c == '\n') | (c == '\t');
     }
     const int64_t visible = std::max<int64_t>(length - invisible, 1);
     if (on(r_.min_letter_share) && static_cast<double>(letters) < r_.min_letter_share * static_cast<double>(visible))
       return kFewLetters;
     if (t_.script != nullptr && on(r_.min_script_share) &&
-        static_cast<double>(in_script) < r_.min_script_share * static_cast<double>(std::max<int64_t>(letters, 1)))
+        static_cast<double>(in_script) <
+            r_.min_script_share * static_cast<double>(std::max<int64_t>(letters - neutral, 1)))
       return kWrongLanguage;
     if (repeated_lines(text, length)) return kRepeatedLines;
     if (repeated_ngrams()) return kRepeatedNgrams;

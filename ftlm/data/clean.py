@@ -26,21 +26,33 @@ import numpy as np
 
 from .native import code_points, text_ops
 
-# Cc controls except tab and newline; format characters that are invisible in text (zero-width space/joiners,
+# Controls that are whitespace (str.isspace: vertical tab, form feed, the information separators, NEL, the Unicode
+# line and paragraph separators) end lines: PDF text breaks pages with form feeds, tables split fields with them,
+# and deleting them would join the words on either side.
+_LINE_BREAKS = re.compile("[\x0b\x0c\x1c-\x1f\x85\u2028\u2029]")
+# Cc controls except tab and newline; format characters that are invisible in text (zero-width space/non-joiner,
 # word joiner, BOM, soft hyphen, bidi marks); the U+FFFD left behind by repaired invalid UTF-8, and lone surrogates
 # (JSON's "\ud800" escapes decode to them; they are no characters and UTF-8 cannot encode them).
 _INVISIBLE = re.compile(
-    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u00ad\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff\ufffd\ud800-\udfff]"
+    "[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\u00ad\u200b\u200c\u200e\u200f\u202a-\u202e\u2060-\u2064\ufeff\ufffd"
+    "\ud800-\udfff]"
 )
+# The zero-width joiner too, except between two emoji, where it builds one (family, rainbow flag, profession emoji).
+_EMOJI = "\u2600-\u27bf\U0001f000-\U0001faff"
+_STRAY_JOINER = re.compile(f"(?<![{_EMOJI}\ufe0f])\u200d|\u200d(?![{_EMOJI}])")
 _ODD_SPACES = re.compile("[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
 _TRAILING_SPACE = re.compile("[ \t]+\n")
 _MANY_BLANK_LINES = re.compile("\n{3,}")
 
 # Runs, not single characters: counting sum(map(len, findall)) over runs is faster than one match per character.
 LETTER = re.compile(r"[^\W\d_]+")
-HANGUL = re.compile("[\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f\ua960-\ua97f\ud7b0-\ud7ff]+")
+HANGUL = re.compile("[\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f\ua960-\ua97f\ud7b0-\ud7ff\uffa0-\uffdc]+")
 LATIN = re.compile("[A-Za-z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f]+")
 SCRIPTS = {"ko": HANGUL, "en": LATIN}
+# Letters a stream's script share leaves out of the letters it divides by: Hanja in Korean text. Mixed script
+# (legal, historical and academic Korean) is Korean, while a page of Chinese still has no Hangul and fails.
+HAN = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
+NEUTRAL = {"ko": HAN}
 
 
 def count(pattern: re.Pattern, text: str) -> int:
@@ -49,7 +61,9 @@ def count(pattern: re.Pattern, text: str) -> int:
 
 
 # Every character any of the substitutions below acts on, in one class: most documents hold none, one scan tells.
-_SPECIAL = re.compile("[\r" + _INVISIBLE.pattern[1:-1] + _ODD_SPACES.pattern[1:-1] + "]")
+_SPECIAL = re.compile(
+    "[\r\u200d" + _LINE_BREAKS.pattern[1:-1] + _INVISIBLE.pattern[1:-1] + _ODD_SPACES.pattern[1:-1] + "]"
+)
 
 
 def _needs_work(text: str) -> bool:
@@ -57,16 +71,20 @@ def _needs_work(text: str) -> bool:
 
 
 def normalize(text: str) -> str:
+    if _needs_work(text):
+        if "\r" in text:
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+        text = _LINE_BREAKS.sub("\n", text)
+        text = _INVISIBLE.sub("", text)
+        if "\u200d" in text:
+            text = _STRAY_JOINER.sub("", text)
+        text = _ODD_SPACES.sub(" ", text)
+        text = _TRAILING_SPACE.sub("\n", text)
+        text = _MANY_BLANK_LINES.sub("\n\n", text)
+    # NFC last: a character removed above may have stood between a jamo and the next (L ZWSP V T composes only
+    # once the ZWSP is gone), and the tokenizer, which leaves NFC to this stage, must see composed syllables.
     if not unicodedata.is_normalized("NFC", text):
         text = unicodedata.normalize("NFC", text)
-    if not _needs_work(text):
-        return text.strip()
-    if "\r" in text:
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = _INVISIBLE.sub("", text)
-    text = _ODD_SPACES.sub(" ", text)
-    text = _TRAILING_SPACE.sub("\n", text)
-    text = _MANY_BLANK_LINES.sub("\n\n", text)
     return text.strip()
 
 
@@ -143,26 +161,34 @@ LANGID_CHARS = 2000  # language ID looks at a document's first characters: enoug
 _AFTER_LANGID = {FILTERS.index(name) + 1 for name in ("repeated_lines", "repeated_ngrams")}  # native reason codes
 _K = np.uint64(0x9E3779B97F4A7C15)
 # No code point from here on is a letter (planes 4-13 are unassigned, 14 holds tags and variation selectors, 15-16
-# private use): the letter table stops here (a test checks it against LETTER); HANGUL and LATIN lie in the BMP.
+# private use): the letter table stops here (a test checks it against LETTER); HANGUL, LATIN and HAN lie in the BMP.
 LETTER_TABLE_END = 0x40000
 
 
 @lru_cache(maxsize=1)
 def char_tables() -> dict[str, np.ndarray]:
-    """uint8 per code point: is it matched by LETTER (up to LETTER_TABLE_END) / HANGUL / LATIN (BMP), and
-    str.isspace (BMP: no whitespace lies above it). The regexes and isspace stay the definitions."""
-    tables = {}
-    for name, pattern, end in (("letter", LETTER, LETTER_TABLE_END), ("ko", HANGUL, 0x10000), ("en", LATIN, 0x10000)):
-        table = np.zeros(end, dtype=np.uint8)
-        for m in pattern.finditer("".join(map(chr, range(end)))):
-            table[m.start() : m.end()] = 1
-        tables[name] = table
+    """uint8 per code point: is it matched by LETTER (up to LETTER_TABLE_END), and str.isspace (BMP: no whitespace
+    lies above it); per script (BMP) 1 where the script's regex matches, 2 where its NEUTRAL one does. The regexes
+    and isspace stay the definitions."""
+
+    def table(end: int, *patterns: re.Pattern) -> np.ndarray:
+        out = np.zeros(end, dtype=np.uint8)
+        every = "".join(map(chr, range(end)))
+        for value, pattern in enumerate(patterns, start=1):
+            for m in pattern.finditer(every):
+                out[m.start() : m.end()] = value
+        return out
+
+    tables = {"letter": table(LETTER_TABLE_END, LETTER)}
+    for lang, pattern in SCRIPTS.items():
+        tables[lang] = table(0x10000, *(pattern, NEUTRAL[lang]) if lang in NEUTRAL else (pattern,))
     tables["space"] = np.fromiter((chr(c).isspace() for c in range(0x10000)), dtype=np.uint8, count=0x10000)
     return tables
 
 
-def _char_counts(texts: list[str], script: str | None) -> tuple[np.ndarray, np.ndarray]:
-    """(D,) letters and (D,) letters of the stream's script, in one pass over all code points of the batch."""
+def _char_counts(texts: list[str], script: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(D,) letters, (D,) letters of the stream's script and (D,) letters its share is of (all but the NEUTRAL
+    ones), in one pass over all code points of the batch."""
     n = len(texts)
     codes, offsets = code_points(texts)
     doc = np.repeat(np.arange(n), np.diff(offsets))
@@ -173,10 +199,12 @@ def _char_counts(texts: list[str], script: str | None) -> tuple[np.ndarray, np.n
     letter[astral] = [bool(LETTER.match(chr(c))) for c in codes[astral].tolist()]
     letters = np.bincount(doc, weights=letter, minlength=n).astype(np.int64)
     if script is None:
-        return letters, np.zeros(n, dtype=np.int64)
+        return letters, np.zeros(n, dtype=np.int64), letters
     own = tables[script][index]
-    own[astral] = [bool(SCRIPTS[script].match(chr(c))) for c in codes[astral].tolist()]
-    return letters, np.bincount(doc, weights=own, minlength=n).astype(np.int64)
+    own[astral] = 0  # the script tables lie in the BMP, as the C++ path reads them
+    in_script = np.bincount(doc, weights=own == 1, minlength=n).astype(np.int64)
+    neutral = np.bincount(doc, weights=own == 2, minlength=n).astype(np.int64)
+    return letters, in_script, letters - neutral
 
 
 @lru_cache(maxsize=1)
@@ -241,7 +269,9 @@ class QualityFilter:
                     words_of.append(words)
         if not alive:
             return out, n_words
-        letters, in_script = _char_counts([texts[i] for i in alive], self.lang if self.script is not None else None)
+        letters, in_script, of_letters = _char_counts(
+            [texts[i] for i in alive], self.lang if self.script is not None else None
+        )
         survivors, survivor_words = [], []
         for k, i in enumerate(alive):
             text = texts[i]
@@ -251,7 +281,7 @@ class QualityFilter:
             elif (
                 self.script is not None
                 and c.min_script_share is not None
-                and (in_script[k] < c.min_script_share * max(letters[k], 1))
+                and (in_script[k] < c.min_script_share * max(of_letters[k], 1))
             ):
                 out[i] = "wrong_language"
             elif self._identify is not None and self._wrong_id(text):

@@ -52,7 +52,7 @@ from .tokenizer import TokenizerExtensionError
 
 logger = logging.getLogger(__name__)
 
-PIPELINE_VERSION = 2  # bump when a change in the stages changes the shards for the same inputs
+PIPELINE_VERSION = 3  # bump when a change in the stages changes the shards for the same inputs
 
 # What a preparation refuses because of its input, each with a message naming the key or file and what to do:
 # the apps print these as one line (`ftlm-prepare: error: ...`, exit status 2), never as a traceback.

@@ -32,6 +32,28 @@ def lenient(**overrides) -> CleanConfig:
     return CleanConfig(**{"min_chars": 20, "min_words": 5, **overrides})
 
 
+def test_normalize_turns_whitespace_controls_into_line_breaks():
+    # form feeds between PDF pages, vertical tabs and separators between table fields: deleting them joined words
+    assert normalize("페이지 끝.\x0c다음 페이지") == "페이지 끝.\n다음 페이지"
+    for control in "\x0b\x1c\x1d\x1e\x1f\x85\u2028\u2029":
+        assert normalize(f"col1{control}col2") == "col1\ncol2"
+
+
+def test_normalize_output_is_nfc_and_a_fixed_point():
+    # an invisible character between jamo composes only once it is gone: the shards must hold syllables
+    samples = ["\u1112\u200b\u1161\u11ab", "\u1100\u00ad\u1161 \n\n\n\n\u1102\ufeff\u1161", "a\x0c \n\x0bb"]
+    for text in samples:
+        once = normalize(text)
+        assert unicodedata.is_normalized("NFC", once) and normalize(once) == once, repr(text)
+    assert normalize(samples[0]) == "한"
+
+
+def test_normalize_keeps_the_joiner_inside_emoji_only():
+    family, rainbow = "\U0001f468\u200d\U0001f469\u200d\U0001f467", "\U0001f3f3\ufe0f\u200d\U0001f308"
+    assert normalize(f"우리 {family} 가족 {rainbow}") == f"우리 {family} 가족 {rainbow}"
+    assert normalize("한\u200d글 x\u200dy \u200d") == "한글 xy"
+
+
 @pytest.mark.parametrize("lang,text", [("ko", KO), ("en", EN), (None, KO + " " + EN)])
 def test_good_documents_pass(lang, text):
     assert QualityFilter(CleanConfig(min_chars=100, min_words=10), lang).reject_reason(text) is None
@@ -63,6 +85,21 @@ def test_language_check_uses_the_streams_script():
     assert QualityFilter(config, "ko").reject_reason(mostly_korean) is None
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["c++", "numpy"])
+def test_hanja_in_korean_is_korean_and_chinese_is_not(native):
+    # Constitution-style mixed script (국한문 혼용): the Hanja outnumber the Hangul, yet the text is Korean
+    sentences = ["大韓民國은 民主共和國이다.", "大韓民國의 主權은 國民에게 있고, 모든 權力은 國民으로부터 나온다."]
+    mixed = " ".join(sentences * 6)
+    chinese = " ".join(["中华人民共和国是工人阶级领导的、以工农联盟为基础的人民民主专政的社会主义国家。"] * 12)
+    halfwidth = " ".join(["\uffbe\uffc2\uffa1 \uffb1\uffc1\uffa4 \uffbb\uffcc 한국어 문장입니다"] * 10)
+    repetition_off = dict(max_dup_line_frac=None, max_dup_line_char_frac=None)
+    repetition_off.update(max_top_ngram_frac={}, max_dup_ngram_frac={})
+    config = CleanConfig(min_chars=50, min_words=5, max_mean_word_chars=None, **repetition_off)
+    reasons = QualityFilter(config, "ko").reject_reasons([mixed, chinese, halfwidth], native=native)
+    assert reasons == [None, "wrong_language", None]
+    assert QualityFilter(config, "en").reject_reasons([mixed], native=native) == ["wrong_language"]
+
+
 def test_null_threshold_turns_a_rule_off():
     assert QualityFilter(lenient(), "en").reject_reason("tiny") == "too_short"
     off = CleanConfig(min_chars=None, min_words=None, min_letter_share=None, min_script_share=None)
@@ -80,7 +117,7 @@ def test_unknown_keys_and_languages_are_config_errors():
 def reference_reason(config: CleanConfig, lang, text: str):
     from collections import Counter
 
-    from ftlm.data.clean import HANGUL, LATIN, LETTER, count
+    from ftlm.data.clean import HAN, HANGUL, LATIN, LETTER, count
 
     c, script = config, {"ko": HANGUL, "en": LATIN}.get(lang)
     if c.min_chars is not None and len(text) < c.min_chars:
@@ -99,7 +136,7 @@ def reference_reason(config: CleanConfig, lang, text: str):
     if (
         script is not None
         and c.min_script_share is not None
-        and count(script, text) < c.min_script_share * max(letters, 1)
+        and count(script, text) < c.min_script_share * max(letters - (count(HAN, text) if lang == "ko" else 0), 1)
     ):
         return "wrong_language"
     lines = [line for line in text.split("\n") if line.strip()]
