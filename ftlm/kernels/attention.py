@@ -541,8 +541,15 @@ def _check_inputs(q, k, v):
         )
     if not (q.device == k.device == v.device):
         raise ValueError(f"flash_attention: q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
-    if q.shape[3] > 256:
-        raise ValueError(f"flash_attention: head_dim {q.shape[3]} is larger than the supported 256")
+    if not 0 < q.shape[3] <= 256:
+        raise ValueError(f"flash_attention: head_dim {q.shape[3]} is outside the supported 1..256")
+    if INTERPRETED and q.dtype == torch.bfloat16:
+        # Triton's CPU interpreter computes bfloat16 tl.dot wrongly (outputs off by 1e8, no error): refuse rather
+        # than return garbage. A GPU runs bfloat16; the interpreter is for tests, in float32 or float16.
+        raise ValueError(
+            "flash_attention: Triton's CPU interpreter (TRITON_INTERPRET=1) computes bfloat16 matmuls wrongly; "
+            "use float32 or float16 there, or attn_impl=sdpa"
+        )
     check_device(q, INTERPRETED)
 
 

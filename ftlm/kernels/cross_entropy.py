@@ -41,7 +41,10 @@ class CrossEntropyFunction(torch.autograd.Function):
 def cross_entropy(logits, targets, ignore_index=-100, inplace_backward=False):
     """Mean cross-entropy over the targets that are not ignore_index (0 when all are ignored).
 
-    logits: (..., V) float32/float16/bfloat16; targets: (...) integer class ids. Returns a float32 scalar.
+    logits: (..., V) float32/float16/bfloat16 (float64 takes PyTorch's path: the kernels accumulate in float32);
+    targets: (...) integer class ids. Returns a float32 scalar (float64 for float64 logits).
+    A target outside [0, V) that is not ignore_index is an error on the CPU; the CUDA kernel makes the loss NaN
+    instead (raising there would abort the whole CUDA context), which the trainer's non-finite-loss check reports.
     inplace_backward=True writes the gradient into the logits' memory during backward: use it only when
     nothing reads the logits after the backward pass (a training step that discards them).
     """
@@ -52,11 +55,14 @@ def cross_entropy(logits, targets, ignore_index=-100, inplace_backward=False):
         )
     if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise ValueError(f"cross_entropy: logits must be a floating-point tensor, got {logits.dtype}")
-    if not ext.supports(logits.device):
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise ValueError(f"cross_entropy: targets must be integer class ids, got {targets.dtype}")
+    targets = targets.to(torch.int64)  # every integer dtype, on either path (F.cross_entropy takes int64 only)
+    if logits.dtype == torch.float64 or not ext.supports(logits.device):
         return reference.cross_entropy(logits, targets, ignore_index)
     shape = logits.shape
     logits2d = logits.reshape(-1, shape[-1])
     if not logits2d.is_contiguous():
         logits2d = logits2d.contiguous()
-    targets1d = targets.reshape(-1).to(torch.int64).contiguous()
+    targets1d = targets.reshape(-1).contiguous()
     return CrossEntropyFunction.apply(logits2d, targets1d, int(ignore_index), bool(inplace_backward))

@@ -3,7 +3,7 @@
     Checkpointer   saves every trainer.save_interval steps, after the last step and on a stop signal
     Validator      validation loss and bits per byte per stream every trainer.eval_interval steps
     Sampler        greedy text samples every trainer.sample_interval steps and at the end
-    StopSignal     SIGTERM / SIGINT, agreed over the ranks at log and save boundaries only
+    StopSignal     SIGTERM / SIGINT, agreed over the ranks at log and save boundaries only (with the loss check)
     Forgetting     with trainer.init_from: each stream's bpb against the starting model's
     Bench          lm-evaluation-harness tasks every trainer.bench_interval steps
 
@@ -44,10 +44,16 @@ class StopSignal:
         self.requested = True
         log.warning("received %s: saving a checkpoint at the next log or save step, then exiting", _name(signum))
 
-    def any_rank(self) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def any_rank(self, nonfinite: torch.Tensor | None = None) -> tuple[bool, bool]:
+        """(whether any rank was asked to stop, whether any rank's `nonfinite` count is above 0): one collective,
+        which the loss check shares. `nonfinite` ((1,) on the device) is reset to 0."""
+        flags = torch.tensor([1.0 if self.requested else 0.0, 0.0], device=self.device)
+        if nonfinite is not None:
+            flags[1:] = nonfinite.float().clamp(max=1)
+            nonfinite.zero_()
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        stop, bad = flags.tolist()
+        return stop > 0, bad > 0
 
     def close(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):

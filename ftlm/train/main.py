@@ -112,6 +112,10 @@ def hold(lock: RunLock, d) -> None:
     on_rank_0(d, acquire)
 
 
+class NonFiniteLoss(RuntimeError):
+    """The loss diverged (NaN or inf on some rank): the run stops before it saves, every rank at the same step."""
+
+
 class StoppedWithRank0(RuntimeError):
     """What the other ranks raise when rank 0's share of the setup failed; the message is rank 0's error."""
 
@@ -275,6 +279,7 @@ class Trainer:
         )
         if state.step >= t.max_steps:
             log.info("the run is at step %d, trainer.max_steps, already: nothing to train", state.step)
+        checked = state.step  # the last step the loss check passed
         while state.step < t.max_steps:
             lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
             self.train_step(batches, measure=self.metrics.due(state.step + 1))
@@ -295,14 +300,29 @@ class Trainer:
             if self.frozen is not None and t.unfreeze_at is not None and step >= t.unfreeze_at:
                 self.frozen.release()  # trainer.unfreeze_at: every weight trains from the next step
                 self.frozen = None
-            # The stop flag costs a collective and a host sync: agreed at log and save boundaries only.
-            stopping = (self.metrics.due(step) or self.checkpointer.due(step)) and self.stop.any_rank()
+            # The stop flag and the loss check cost a collective and a host sync: at log and save boundaries only.
+            stopping = False
+            if self.metrics.due(step) or self.checkpointer.due(step):
+                stopping, nonfinite = self.stop.any_rank(self.metrics.nonfinite)
+                if nonfinite:  # before the save: diverged weights never become the newest checkpoint
+                    raise NonFiniteLoss(self._nonfinite_message(step, checked))
+                checked = step
             if self.checkpointer.due(step) or stopping:
                 self.checkpointer.save()
             if stopping:
                 log.warning("stopped at step %d after a signal; resume with trainer.resume=auto", step)
                 break
         return self.finish()
+
+    def _nonfinite_message(self, step: int, checked: int) -> str:
+        root = self.run_dir / "checkpoints"
+        newest = checkpoint.find_latest(root) if root.is_dir() else None
+        where = f"step {TrainerState.from_file(newest).step}" if newest is not None else "none yet"
+        return (
+            f"the training loss was NaN or infinite on some rank between step {checked + 1} and step {step}: "
+            f"stopping without saving (newest checkpoint: {where}; trainer.resume=auto resumes there). Lower "
+            "trainer.lr, lengthen trainer.warmup_steps, set trainer.grad_clip, or train in bf16 rather than fp16"
+        )
 
     def train_step(self, batches, measure: bool) -> None:
         """One optimizer step: trainer.grad_accum micro-batches through forward and backward, then the update."""
@@ -518,6 +538,7 @@ REFUSALS = (
     checkpoint.CheckpointSaveError,
     RunLockError,
     StoppedWithRank0,
+    NonFiniteLoss,
     *DATA_REFUSALS,
 )
 

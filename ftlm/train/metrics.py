@@ -141,6 +141,8 @@ class Metrics:
         self.interval_steps = 0
         self.start_step, self.start_time = start_step, time.perf_counter()
         self.window = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, micro-batches
+        # micro-batches whose loss was NaN or inf since the last boundary check (the trainer reads it there)
+        self.nonfinite = torch.zeros(1, dtype=torch.float64, device=device)
         self.losses: dict[int, float] = {}  # step -> mean training loss, at each log line
 
     def due(self, step: int) -> bool:
@@ -148,7 +150,9 @@ class Metrics:
 
     def record(self, loss: torch.Tensor) -> None:
         """One micro-batch's loss, added on the device."""
-        self.window += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=self.device)])
+        loss = loss.detach().double()
+        self.window += torch.stack([loss, torch.ones((), dtype=torch.float64, device=self.device)])
+        self.nonfinite += (~torch.isfinite(loss)).double()
 
     def tick(self) -> None:
         self.interval_steps += 1

@@ -106,3 +106,13 @@ def test_bad_shapes_are_rejected(device):
         kernels.flash_attention(q, kv, kv)
     with pytest.raises(ValueError, match="same shape"):
         kernels.flash_attention(q, kv, kv[..., :16])
+    empty = torch.randn(1, 2, 8, 0, device=device)
+    with pytest.raises(ValueError, match="head_dim 0 is outside"):
+        kernels.flash_attention(empty, empty, empty)
+
+
+@pytest.mark.skipif(GPU, reason="the interpreter's bfloat16 refusal: CPU only")
+def test_bf16_in_the_interpreter_is_refused_not_garbage():
+    q = torch.randn(1, 2, 16, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="interpreter .* bfloat16"):
+        kernels.flash_attention(q, q, q)

@@ -130,6 +130,32 @@ def test_invalid_target_is_an_error_on_cpu():
         _C.cross_entropy_forward(torch.randn(3, 12), torch.tensor([0, 1, 3], dtype=torch.int32), -100)
 
 
+@pytest.mark.parametrize("extension", [True, False], ids=["ftlm._C", "fallback"])
+def test_target_dtypes_behave_alike_with_and_without_the_extension(monkeypatch, extension):
+    if not extension:
+        monkeypatch.setattr(ext, "_module", None)  # as if ftlm._C were missing (the fallback's own state)
+    logits, targets = torch.randn(5, 7), torch.tensor([0, 6, 3, -100, 2])
+    expected = F.cross_entropy(logits, targets)
+    for dtype in (torch.int32, torch.int16):
+        assert torch.allclose(kernels.cross_entropy(logits, targets.to(dtype)), expected)
+    assert torch.allclose(
+        kernels.cross_entropy(logits, targets.clamp(min=0).to(torch.uint8)),
+        F.cross_entropy(logits, targets.clamp(min=0)),
+    )
+    for dtype in (torch.float32, torch.bool):
+        with pytest.raises(ValueError, match="targets must be integer class ids"):
+            kernels.cross_entropy(logits, targets.to(dtype))
+
+
+def test_float64_logits_stay_float64():
+    logits = torch.randn(6, 11, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([0, 10, 3, -100, 2, 5])
+    loss = kernels.cross_entropy(logits, targets)
+    assert loss.dtype == torch.float64
+    assert torch.allclose(loss, F.cross_entropy(logits, targets), rtol=1e-12, atol=0)
+    assert torch.autograd.gradcheck(lambda x: kernels.cross_entropy(x, targets), (logits,))
+
+
 def test_fallback_without_extension_warns_once(monkeypatch, rel_err):
     monkeypatch.setattr(ext, "_module", ext._UNSET)
     monkeypatch.setitem(sys.modules, "ftlm._C", None)  # makes `from ftlm import _C` raise ImportError

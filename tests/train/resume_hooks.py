@@ -4,6 +4,8 @@ FTLM_TEST_KILL_AT_SEAL=<step>       SIGKILL this process when the save of <step>
                                     not yet its manifest: the middle of a save, with no timing to race
 FTLM_TEST_SAVE_AFTER_LOAD=<folder>  right after a checkpoint is loaded, save the engine's state as DeepSpeed
                                     sees it to <folder>/after_load, so a test can compare it with the source
+FTLM_TEST_NAN_FROM=<n>              from the n-th training forward pass on (1-based), the loss is NaN: a run that
+                                    diverges
 """
 
 import os
@@ -33,5 +35,21 @@ if save_after_load:
         return loaded
 
     checkpoint.load = _load_then_save
+
+nan_from = os.environ.get("FTLM_TEST_NAN_FROM")
+if nan_from:
+    from ftlm.model.gpt import GPT
+
+    forward, calls = GPT.forward, [0]
+
+    def _diverging_forward(self, *args, **kwargs):
+        logits, loss = forward(self, *args, **kwargs)
+        if self.training and loss is not None:
+            calls[0] += 1
+            if calls[0] >= int(nan_from):
+                loss = loss * float("nan")
+        return logits, loss
+
+    GPT.forward = _diverging_forward
 
 runpy.run_module("ftlm.train.main", run_name="__main__", alter_sys=True)

@@ -281,6 +281,20 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(ftlm_cache, tmp_path):
     assert resumed["train/lr"][stopped_at + 1] == pytest.approx(1e-3 * lr_multiplier(stopped_at, 2, 6, 0.1))
 
 
+def test_a_diverged_loss_stops_the_run_before_it_saves(ftlm_cache, tmp_path):
+    # NaN from the 4th step: steps 1-3 are saved, step 4 never is (its weights are NaN) and nothing is pruned
+    run_dir = tmp_path / "run"
+    overrides = COMMON + train(run_dir, "trainer.max_steps=6", "trainer.save_interval=1", "trainer.keep_last=2")
+    proc = run_status(hooked_python_cmd(overrides), ftlm_cache, {"FTLM_TEST_NAN_FROM": "4"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert (
+        "ftlm-train: error: the training loss was NaN or infinite on some rank between step 4 and step 4: "
+        "stopping without saving (newest checkpoint: step 3;" in proc.stderr
+    )
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000002", "step_00000003"]
+
+
 # -- 5. never deleting, one training per run directory -----------------------------------------------------------
 def test_resume_never_sets_the_old_checkpoints_aside(ftlm_cache, stopped, tmp_path):
     run_dir = copy_run(stopped, tmp_path / "run")
