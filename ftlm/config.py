@@ -8,6 +8,7 @@ config is composed; `ConfigError` says which key, and the closest known one.
 
 from __future__ import annotations
 
+import base64
 import difflib
 import functools
 import os
@@ -53,8 +54,33 @@ def register() -> None:
         OmegaConf.register_new_resolver("ftlm.path", expand_path)
 
 
+ENCODED_OVERRIDES = "--ftlm-overrides-b64="
+
+
+def encode_overrides(overrides: list[str]) -> str:
+    """One argument holding `overrides` as base64 (URL-safe alphabet: no character any shell treats specially).
+
+    The deepspeed launcher's pdsh path joins the arguments into one command line that each node's shell parses
+    again, so `${model.name}`, quotes, parentheses and `$` in Hydra overrides were changed or fatal there;
+    launch/multi_node.sh sends this instead (`printf '%s\0' ARGS | base64 -w0 | tr '+/' '-_'` is the same).
+    """
+    data = "".join(f"{o}\0" for o in overrides).encode()
+    return ENCODED_OVERRIDES + base64.urlsafe_b64encode(data).decode()
+
+
+def decode_overrides(arg: str) -> list[str]:
+    try:
+        data = base64.b64decode(arg[len(ENCODED_OVERRIDES) :], altchars=b"-_", validate=True).decode()
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{ENCODED_OVERRIDES[:-1]}: not base64 of NUL-terminated overrides ({e})") from None
+    if data and not data.endswith("\0"):
+        raise ConfigError(f"{ENCODED_OVERRIDES[:-1]}: not base64 of NUL-terminated overrides (cut short?)")
+    return data.split("\0")[:-1]
+
+
 def strip_launcher_args(argv: list[str]) -> list[str]:
-    """Remove the `--local_rank` argument that the deepspeed launcher appends; Hydra would reject it.
+    """Remove the `--local_rank` argument that the deepspeed launcher appends; Hydra would reject it; and expand
+    the overrides launch/multi_node.sh encoded (`encode_overrides`) in place.
 
     The value is kept in the LOCAL_RANK environment variable, where torch.distributed looks for it anyway.
     """
@@ -63,7 +89,9 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
         if skip:
             skip = False
             continue
-        if arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
+        if arg.startswith(ENCODED_OVERRIDES):
+            out.extend(decode_overrides(arg))
+        elif arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
             os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
         elif arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
             os.environ.setdefault("LOCAL_RANK", argv[i + 1])
@@ -112,7 +140,10 @@ def hydra_app(config_name: str = "config", refusals: tuple[type[BaseException], 
 
         @functools.wraps(fn)
         def main():
-            sys.argv = strip_launcher_args(sys.argv)
+            try:
+                sys.argv = strip_launcher_args(sys.argv)
+            except ConfigError as e:
+                refuse(e, prog)
             register()
             overrides = _overrides(sys.argv[1:])
             if overrides is not None:

@@ -37,7 +37,11 @@ fi
 
 JOB_NAME="${JOB_NAME:-ftlm-$(date +%Y%m%d-%H%M%S)}"
 train_args_for_job "$JOB_NAME" "$@"
+# The pdsh path joins the arguments into one command line that each node's shell parses again: ${model.name},
+# quotes, parentheses and $ in overrides would change or break there. They travel as one base64 argument (no
+# character a shell acts on) that ftlm.train.main expands back to exactly what was given (ftlm.config).
+encoded="--ftlm-overrides-b64=$(printf '%s\0' "${TRAIN_ARGS[@]}" | base64 -w0 | tr '+/' '-_')"
 master=()
 [[ -n "${MASTER_ADDR:-}" ]] && master=(--master_addr "$MASTER_ADDR")
 exec "$DEEPSPEED" --hostfile "$HOSTFILE" --launcher "$LAUNCHER" "${master[@]}" --master_port "${MASTER_PORT:-29500}" \
-  --module ftlm.train.main "${TRAIN_ARGS[@]}"
+  --module ftlm.train.main "$encoded"

@@ -86,6 +86,48 @@ def test_single_node_passes_overrides_untouched_and_adds_run_dir(tmp_path):
     assert printed_args(out.stdout)[-2:] == ["ftlm.train.main", "trainer.out_dir=/elsewhere"]
 
 
+def test_multi_node_overrides_survive_the_remote_shell(tmp_path):
+    """The pdsh path joins the arguments into one line each node's shell parses: what the script sends must come
+    back byte for byte from that shell, as ftlm.train.main reads it."""
+    import json
+    import shlex
+    import sys
+
+    from ftlm.config import strip_launcher_args
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    stub(tmp_path, "ssh", "#!/usr/bin/env bash\nexit 0\n")  # every host answers
+    stub(tmp_path, "pdsh", "#!/usr/bin/env bash\nexit 0\n")
+    deepspeed = stub(tmp_path, "deepspeed")
+    env = {"HOSTFILE": str(hostfile), "DEEPSPEED": str(deepspeed), "JOB_NAME": "j", "FTLM_RUNS": "/shared/runs"}
+    env["PATH"] = f"{tmp_path / 'bin'}:{os.environ['PATH']}"
+    overrides = [
+        "trainer.out_dir=/shared/runs/${model.name}",
+        "trainer.run_name=ko(1b3)",
+        "trainer.sample_prompts=['it''s here', \"a $HOME `x`\"]",
+        "data.sources.ko=[/data/a b/*.jsonl]",
+        "++data.tokenizer.special_tokens=[<|im_end|>]",
+        "모델=한국어 \\ tab\tend",
+    ]
+    out = run("multi_node.sh", overrides, env=env)
+    assert out.returncode == 0, out.stderr
+    args = printed_args(out.stdout)
+    module = args.index("--module")
+    assert args[module + 1] == "ftlm.train.main"
+    sent = args[module + 2 :]
+    # what DeepSpeed's PDSHRunner.parse_user_args does to each argument, then the remote shell
+    quoted = ['"{}"'.format(a.replace('"', '\\"')) if " " in a else a for a in sent]
+    argv_as_json = f"{shlex.quote(sys.executable)} -c 'import json, sys; print(json.dumps(sys.argv[1:]))'"
+    echoed = subprocess.run(
+        ["bash", "-c", f"{argv_as_json} {' '.join(quoted)}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert strip_launcher_args(["prog", *json.loads(echoed)]) == ["prog", *overrides]
+
+
 def test_local_cpu_two_processes_on_cpu(tmp_path):
     env = {"DEEPSPEED": str(stub(tmp_path, "deepspeed")), "JOB_NAME": "laptop", "FTLM_RUNS": "/r"}
     out = run("local_cpu.sh", ["trainer.max_steps=5"], env=env)
