@@ -126,6 +126,11 @@ def test_multi_node_overrides_survive_the_remote_shell(tmp_path):
         check=True,
     ).stdout
     assert strip_launcher_args(["prog", *json.loads(echoed)]) == ["prog", *overrides]
+    from ftlm.config import ConfigError
+
+    for damaged in ("@@@", sent[0].split("=", 1)[1][:-4]):  # not base64; cut short
+        with pytest.raises(ConfigError, match="ftlm-overrides-b64"):
+            strip_launcher_args(["prog", f"--ftlm-overrides-b64={damaged}"])
 
 
 def test_local_cpu_two_processes_on_cpu(tmp_path):
