@@ -366,6 +366,12 @@ class PackedTrainLoader:
         while self._pos >= len(order):  # epoch done: the next one starts from its beginning
             self._epoch, self._start, self._pos, self._offset = self._epoch + 1, 0, 0, 0
             order = self._epoch_order(self._epoch)
+            if self.rank == 0:
+                logger.info(
+                    "data: epoch %d of the training mix begins (%d documents, reshuffled)",
+                    self._epoch + 1,
+                    len(self._order_all),
+                )
         return order
 
     def _read(self, sample: int) -> np.ndarray:

@@ -68,12 +68,16 @@ def test_zero_share_streams_are_left_out(embedded_prepared):
     assert loader.stream_names == ["ko"]
 
 
-@pytest.mark.parametrize("steps_before", [3, 140])  # 140 batches cross an epoch boundary of the embedded corpus
-def test_restored_state_gives_exactly_the_following_batches(embedded_prepared, steps_before):
+@pytest.mark.parametrize("past_an_epoch", [False, True])
+def test_restored_state_gives_exactly_the_following_batches(embedded_prepared, past_an_epoch, caplog):
     cfg = OmegaConf.create(embedded_prepared[0])
     original = build_train_loader(cfg, SEQ, 8, 0, 1, seed=11)
-    for _ in range(steps_before):
-        next(original)
+    with caplog.at_level("INFO", logger="ftlm.data.stream"):
+        for _ in range(3):
+            next(original)
+        while past_an_epoch and original._epoch == 0:  # until a batch reaches into the second epoch
+            next(original)
+    assert ("epoch 2 of the training mix begins" in caplog.text) == past_an_epoch
     state = json.loads(json.dumps(original.state_dict()))  # what a checkpoint stores
     expected = [next(original) for _ in range(25)]
     resumed = build_train_loader(cfg, SEQ, 8, 0, 1, seed=11)
