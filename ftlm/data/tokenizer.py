@@ -353,8 +353,12 @@ def _extend_byte_level(base_json, texts, new_vocab_size, min_frequency, length, 
         known.add(left + right)
         new.append((left, right))
     new = _trimmed(new, base_size, multiple_of)
-    taken = set(vocab.values()) | {t["id"] for t in base_json.get("added_tokens", [])}
-    next_id = max(taken) + 1
+    # Added tokens outside the model's vocabulary (the <|endoftext|> and <|pad|> that Tokenizer gives a base that
+    # has no end-of-text token) go into it at their ids: the library re-numbers an added token the model lacks past
+    # the new merges when the file is read back, leaving holes where it was and moving its row.
+    for token in base_json.get("added_tokens", []):
+        vocab.setdefault(token["content"], token["id"])
+    next_id = max(vocab.values()) + 1
     for left, right in new:
         vocab[left + right] = next_id
         next_id += 1

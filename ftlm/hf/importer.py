@@ -134,12 +134,22 @@ def inspect(path: str | Path, **runtime) -> HFSource:
             f"{d} has no {TOKENIZER} (a fast tokenizer); write one with transformers: "
             "AutoTokenizer.from_pretrained(dir).save_pretrained(dir)"
         )
-    from ftlm.data.tokenizer import Tokenizer
+    from ftlm.data.tokenizer import EOT_NAMES, Tokenizer
 
-    n_tok = Tokenizer.load(tok_path).vocab_size
+    tokenizer = Tokenizer.load(tok_path)
+    n_tok = tokenizer.vocab_size
     if n_tok > cfg.vocab_size:
+        from tokenizers import Tokenizer as RawTokenizer
+
+        n_file = RawTokenizer.from_file(str(tok_path)).get_vocab_size(with_added_tokens=True)
+        added = ""
+        if n_file < n_tok:  # Tokenizer gave it <|endoftext|> (and <|pad|>): it names no end-of-text token ftlm knows
+            added = (
+                f" ({n_file} in the file, plus the end-of-text and padding tokens ftlm adds to a tokenizer that has "
+                f"none of {', '.join(EOT_NAMES)})"
+            )
         raise HFImportError(
-            f"{tok_path} has {n_tok} tokens but {HF_CONFIG} has vocab_size={cfg.vocab_size}: token ids past "
+            f"{tok_path} has {n_tok} tokens{added} but {HF_CONFIG} has vocab_size={cfg.vocab_size}: token ids past "
             f"{cfg.vocab_size - 1} would have no embedding"
         )
     files = _weight_files(d)

@@ -104,6 +104,30 @@ def test_extending_keeps_every_old_id_and_shortens_korean(tokenizer):
     assert extended.eot_id == english_only.eot_id
 
 
+def test_extending_a_base_without_an_end_of_text_token_keeps_the_added_ids():
+    # A byte-level BPE with no special tokens at all: Tokenizer adds <|endoftext|> and <|pad|> after its vocabulary;
+    # the extension must keep them there (the library used to re-number them past the new merges, leaving holes)
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    raw = HFTok(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=420, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    raw.train_from_iterator([d["text"] for d in corpus.english_documents()][:100], trainer=trainer)
+    size = raw.get_vocab_size()
+    base = Tokenizer(HFTok.from_str(raw.to_str()))
+    assert (base.eot_id, base.pad_id) == (size, size + 1)
+    korean = [d["text"] for d in corpus.korean_documents()]
+    extended = extend_tokenizer(base, korean, new_vocab_size=900, show_progress=False)
+    reloaded = Tokenizer(HFTok.from_str(extended.to_str()))  # as the run and the export read it
+    for tok in (extended, reloaded):
+        assert (tok.eot_id, tok.pad_id) == (size, size + 1)
+        vocab = tok.backend.get_vocab(with_added_tokens=True)
+        assert sorted(vocab.values()) == list(range(tok.vocab_size))  # no holes
+        assert all(vocab[t] == i for t, i in base.backend.get_vocab(with_added_tokens=True).items())
+
+
 def test_too_small_vocabulary_is_a_config_error():
     with pytest.raises(ValueError, match="data.tokenizer.vocab_size"):
         train_tokenizer(["abc"], vocab_size=100, show_progress=False)
