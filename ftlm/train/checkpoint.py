@@ -24,6 +24,7 @@ import logging
 import os
 import random
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -244,24 +245,38 @@ def convert_to_universal(ckpt: Path, out: Path) -> None:
 
 
 def universal_copy(ckpt: Path, rank: int) -> Path:
-    """`ckpt/universal`, converted by rank 0 the first time it is needed (atomically, like a save); all ranks wait."""
+    """`ckpt/universal`, converted by rank 0 the first time it is needed (atomically, like a save); all ranks wait.
+
+    Other jobs may resume from the same checkpoint at the same time (runs forked from it): each converts into a
+    folder of its own and the first to finish publishes it; a job that finds the copy published meanwhile uses it
+    and never removes what another job may be writing or reading.
+    """
     out = ckpt / UNIVERSAL
     error = None
     if rank == 0 and validate(out) is not None:
-        tmp = ckpt / (UNIVERSAL + ".tmp")
+        tmp = ckpt / f"{UNIVERSAL}.tmp-{socket.gethostname()}-{os.getpid()}"
         try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(out, ignore_errors=True)  # an incomplete conversion (validate failed), not a checkpoint
+            if out.exists():  # published but not valid: a damaged copy, never one being written (those are tmp)
+                shutil.rmtree(out, ignore_errors=True)
             log.info("converting %s to DeepSpeed's universal checkpoint format (once; kept in %s)", ckpt, out)
             convert_to_universal(ckpt, tmp)
             _write_manifest(tmp)
-            os.replace(tmp, out)
+            try:
+                os.replace(tmp, out)
+            except OSError:
+                if validate(out) is not None:  # not another job's finished copy: a real failure
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)  # another job published first: use its copy
         except Exception as e:  # raised after the barrier, so the other ranks do not wait forever
             shutil.rmtree(tmp, ignore_errors=True)
             error = e
     _barrier()
     if error is not None:
-        raise RuntimeError(f"could not convert checkpoint {ckpt} to DeepSpeed's universal format: {error}") from error
+        raise RuntimeError(
+            f"could not convert checkpoint {ckpt} to DeepSpeed's universal format ({error}); the conversion is "
+            f"written beside the checkpoint: resume on the {TrainerState.from_file(ckpt).world_size} rank(s) "
+            "that wrote it, or from a writable copy of it"
+        ) from error
     problem = validate(out)
     if problem:
         raise RuntimeError(f"universal copy {out} of checkpoint {ckpt} is not usable: {problem}")

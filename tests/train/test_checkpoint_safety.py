@@ -159,6 +159,31 @@ def flip_a_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def test_two_jobs_converting_one_checkpoint_never_remove_each_others_work(tmp_path, monkeypatch):
+    # Two runs forked from one checkpoint resume on another number of ranks at once: each converts it to the
+    # universal format in a folder of its own; the one that finishes second uses the first one's copy.
+    ckpt = make_run(tmp_path, steps=(10,)) / "checkpoints" / "step_00000010"
+    foreign = ckpt / "universal.tmp-otherhost-4242"  # the other job, still converting
+    foreign.mkdir()
+    (foreign / "half.pt").write_bytes(b"being written")
+
+    def convert(src, out):  # the other job publishes its copy while this one converts
+        out.mkdir()
+        (out / "mine.pt").write_bytes(b"this job's copy")
+        theirs = ckpt / "universal.tmp-otherhost-1"
+        theirs.mkdir()
+        (theirs / "theirs.pt").write_bytes(b"the other job's copy")
+        checkpoint._write_manifest(theirs)
+        os.replace(theirs, ckpt / "universal")
+
+    monkeypatch.setattr(checkpoint, "convert_to_universal", convert)
+    out = checkpoint.universal_copy(ckpt, rank=0)
+    assert out == ckpt / "universal" and (out / "theirs.pt").is_file() and not (out / "mine.pt").exists()
+    assert (foreign / "half.pt").read_bytes() == b"being written"  # left alone
+    assert sorted(p.name for p in ckpt.glob("universal*")) == ["universal", foreign.name]
+    assert checkpoint.universal_copy(ckpt, rank=0) == out  # published: used as it is
+
+
 def test_manifest_checksums_name_a_corrupted_file_and_auto_falls_back(tmp_path, caplog):
     run = make_run(tmp_path)
     root = run / "checkpoints"
