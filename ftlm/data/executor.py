@@ -65,8 +65,27 @@ class ExecutorError(RuntimeError):
     """The executor cannot run: Ray missing, its address unreachable, workers that keep dying."""
 
 
-def _init_process() -> None:
+def _init_process(parent: int) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes
+    _exit_with_parent(parent)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker ends when the preparation that started it dies (kill -9, the OOM killer, a scheduler's SIGKILL).
+
+    Each worker holds both ends of the pool's call queue, so it never sees the parent go: orphans of ~750 MB each
+    stayed alive for good, and every rerun after a crash added more. A daemon thread watches the parent's pid once
+    a second (Linux's PR_SET_PDEATHSIG would follow the thread that started the worker, not the process).
+    """
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 class LocalExecutor:
@@ -81,7 +100,9 @@ class LocalExecutor:
     def _new_pool(self) -> ProcessPoolExecutor:
         import multiprocessing
 
-        return ProcessPoolExecutor(self.workers, multiprocessing.get_context("spawn"), initializer=_init_process)
+        return ProcessPoolExecutor(
+            self.workers, multiprocessing.get_context("spawn"), initializer=_init_process, initargs=(os.getpid(),)
+        )
 
     def map(self, fn: Callable, tasks: Sequence[tuple]) -> Iterator[tuple[int, Any]]:
         """Run fn(*task) for every task; yield (task index, result) as tasks finish (any order)."""

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 from . import corpus, layout, pipeline
 from .checks import DataConfigError, as_dict, check_data_config
+from .executor import ExecutorError
 from .layout import (
     LOCKS_DIR,
     POINTER_FILE,
@@ -56,7 +57,14 @@ PIPELINE_VERSION = 3  # bump when a change in the stages changes the shards for 
 
 # What a preparation refuses because of its input, each with a message naming the key or file and what to do:
 # the apps print these as one line (`ftlm-prepare: error: ...`, exit status 2), never as a traceback.
-REFUSALS = (DataConfigError, SourceError, TokenizerExtensionError, DamagedPreparationError, corpus.EmbeddedCorpusError)
+REFUSALS = (
+    DataConfigError,
+    SourceError,
+    TokenizerExtensionError,
+    DamagedPreparationError,
+    corpus.EmbeddedCorpusError,
+    ExecutorError,  # Ray missing or unreachable, workers that keep dying (finished tasks are kept for the rerun)
+)
 
 
 @dataclass
@@ -256,8 +264,14 @@ def _equivalent(out_dir: str, keys: dict, tokenizer_sha: str) -> tuple[str, dict
 def _exclusive(out_dir: str, fingerprint: str):
     """One preparation of a fingerprint at a time, across processes; other fingerprints prepare side by side."""
     os.makedirs(os.path.join(out_dir, LOCKS_DIR), exist_ok=True)
-    with open(os.path.join(out_dir, LOCKS_DIR, f"{fingerprint}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    path = os.path.join(out_dir, LOCKS_DIR, f"{fingerprint}.lock")
+    with open(path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a job of its own may hold it for hours: say what this one waits for
+            logger.info("another job is preparing %s (it holds %s); waiting for it, then using its result", fingerprint,
+                        path)  # fmt: skip
+            fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -339,6 +353,7 @@ def prepare(data_cfg, tokenizer_path: str | None = None, *, rebuild: bool = Fals
 
     with _exclusive(out_dir, keys["fingerprint"]):
         if not rebuild and os.path.isfile(os.path.join(root, STATS_FILE)):  # another process made it meanwhile
+            logger.info("using %s, which another job prepared meanwhile", root)
             return _reuse(out_dir, root, streams)
         return _prepare(cfg, streams, out_dir, keys, inputs, given, changes, tokenizer_path, rebuild)
 

@@ -7,6 +7,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -253,6 +254,38 @@ def test_killed_preparation_resumes_the_finished_tasks(corpus, local_run, tmp_pa
         assert tokenize["resumed"] >= 4  # tasks still running on Ray when the driver died may have finished too
     assert comparable(result) == comparable(local_run[1])
     assert prepared_texts(tmp_path) == prepared_texts(local_run[0])
+
+
+def test_workers_exit_when_the_preparation_is_killed(tmp_path):
+    # kill -9 of ftlm-prepare (the OOM killer, a scheduler) used to leave every worker running for good
+    script = (
+        "import multiprocessing, os, signal, time; from ftlm.data.executor import LocalExecutor\n"
+        "ex = LocalExecutor(2); it = ex.map(time.sleep, [(600,), (600,)])\n"
+        "import threading; threading.Thread(target=lambda: next(it), daemon=True).start()\n"
+        "while len(multiprocessing.active_children()) < 2: time.sleep(0.1)\n"
+        "time.sleep(2)  # the workers have run their initializer\n"
+        "print(' '.join(str(p.pid) for p in multiprocessing.active_children()), flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    pids = [int(p) for p in proc.stdout.split()]
+    assert len(pids) >= 2
+    deadline = time.monotonic() + 15
+
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().split(") ")[1][0] != "Z"  # a zombie has exited
+        except FileNotFoundError:
+            return False
+
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    survivors = [p for p in pids if alive(p)]
+    for p in survivors:
+        os.kill(p, signal.SIGKILL)
+    assert not survivors, "worker processes outlived the killed preparation"
 
 
 def test_fast_tokenizer_setup_gives_the_same_ids(corpus, local_run):
