@@ -340,3 +340,6 @@ def test_executor_errors_say_what_to_do(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     with pytest.raises(ExecutorError, match=r"pip install 'ftlm\[ray\]'"):
         make_executor("ray", 1)
+    from ftlm.data.prepare import REFUSALS
+
+    assert ExecutorError in REFUSALS  # the apps print these as one line, not a traceback
