@@ -16,9 +16,11 @@ from ftlm.plan.flops import attention_flops_per_token, flops_per_token, matmul_p
 from ftlm.plan.hardware import GPUS_BY_KEY, UnknownGPU, gpu_by_key
 from ftlm.plan.memory import (
     GIB,
+    LIVE_LAYER_BYTES,
     OFFLOAD_CHOICES,
     PRECISIONS,
     activation_bytes,
+    bytes_factor,
     largest_layer_params,
     max_micro_batch,
     zero3_model_states,
@@ -246,10 +248,10 @@ def plan(args) -> str:
     reserve = (args.reserve_gib if args.reserve_gib is not None else max(2.0, 0.1 * memory_gib)) * GIB
     flash = not args.eager_attention
     largest = largest_layer_params(cfg)
-    if args.precision == "fp32":
-        states_text, live_bytes = "fp32 weights+grads+Adam moments", 8
-    else:
-        states_text, live_bytes = f"{args.precision} weights+grads, fp32 Adam", 4
+    live_bytes = LIVE_LAYER_BYTES * bytes_factor(args.precision)
+    states_text = (
+        "fp32 weights+grads+Adam moments" if args.precision == "fp32" else f"{args.precision} weights+grads, fp32 Adam"
+    )
 
     out = [
         f"model {cfg.name}: {cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads "
@@ -274,7 +276,7 @@ def plan(args) -> str:
         f"{activation_bytes(cfg, seq_len, 1, True, flash, args.precision) / GIB:.2f} GiB with activation checkpointing",
         f"  {'offload':<18} {'GPU states':>11} {'CPU per node':>13} {'micro-batch':>12} {'with ckpt':>10}",
     ]
-    for offload in OFFLOAD_CHOICES:
+    for offload in OFFLOAD_CHOICES:  # the last, optimizer+params, keeps the least on the GPU
         states = zero3_model_states(params, largest, args.num_gpus, args.gpus_per_node, offload, args.precision)
         fits = [
             max_micro_batch(memory, states.gpu_bytes, cfg, seq_len, ckpt, flash, reserve, args.precision)
@@ -284,21 +286,7 @@ def plan(args) -> str:
             f"  {offload:<18} {states.gpu_bytes / GIB:>7.2f} GiB {states.cpu_bytes_per_node / GIB:>9.1f} GiB "
             f"{fits[0]:>12} {fits[1]:>10}"
         )
-    if (
-        max_micro_batch(
-            memory,
-            zero3_model_states(
-                params, largest, args.num_gpus, args.gpus_per_node, "optimizer+params", args.precision
-            ).gpu_bytes,
-            cfg,
-            seq_len,
-            True,
-            flash,
-            reserve,
-            args.precision,
-        )
-        == 0
-    ):
+    if fits[1] == 0:  # not even with everything offloaded and activation checkpointing
         out.append("  not even one sequence fits: use more GPUs, a shorter --seq-len, or a bigger GPU")
     return "\n".join(out)
 

@@ -75,8 +75,8 @@ class ModelStateMemory:
     cpu_bytes_per_node: int  # optimizer state (and weights) kept in each node's CPU memory
 
 
-def _activation_scale(precision: str) -> int:
-    """Activations (and the live layer) in fp32 take twice the bytes of bf16/fp16 ones."""
+def bytes_factor(precision: str) -> int:
+    """How many times the bytes of a bf16/fp16 value one value of `precision` takes: 2 in fp32 training, else 1."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
     return 2 if precision == "fp32" else 1
@@ -93,9 +93,9 @@ def zero3_model_states(
     """Bytes of weights, gradients and optimizer state per GPU (and per node's CPU) under ZeRO-3."""
     if offload not in OFFLOAD_CHOICES:
         raise ValueError(f"offload must be one of {', '.join(OFFLOAD_CHOICES)}, got '{offload}'")
-    scale = _activation_scale(precision)
     if num_gpus <= 0 or gpus_per_node <= 0:
         raise ValueError(f"num_gpus ({num_gpus}) and gpus_per_node ({gpus_per_node}) must be positive")
+    scale = bytes_factor(precision)
     per_gpu = total_params / num_gpus  # this GPU's partition
     per_node = per_gpu * min(gpus_per_node, num_gpus)
     live = scale * LIVE_LAYER_BYTES * largest_layer
@@ -123,7 +123,7 @@ def activation_bytes_per_layer(
     Of the 34 sbh, 2 sbh are one-byte dropout masks, and of the 5 as^2 b one as^2 b: in fp32 only the rest doubles.
     """
     s, b, h, a = seq_len, micro_batch, cfg.d_model, cfg.n_head
-    scale = _activation_scale(precision)
+    scale = bytes_factor(precision)
     per_token = scale * 32 * h + 2 * h
     if not flash:
         per_token += scale * 4 * a * s + a * s
@@ -140,7 +140,7 @@ def activation_bytes(
 ) -> int:
     """Activation memory of one micro-batch on one GPU (ZeRO partitions model states, not activations)."""
     s, b, h = seq_len, micro_batch, cfg.d_model
-    scale = _activation_scale(precision)
+    scale = bytes_factor(precision)
     layer = activation_bytes_per_layer(cfg, s, b, flash, precision)
     head = scale * (4 * s * b * h + 4 * s * b * cfg.vocab_size)
     if cfg.doc_mask and not flash:
